@@ -1,0 +1,21 @@
+"""moelpr: teach an existing LLM new languages without forgetting (MoE-LPR, LayerMoE).
+
+Public API: `upcycle`, `load_model`, `save_model`, `MoELPRConfig`, `MoELPRForCausalLM`, `set_trainable`,
+`parameter_summary`, `capture_router_logits` and the loss functions in `moelpr.losses`.
+"""
+
+from moelpr.checkpoint import load_model, save_model
+from moelpr.errors import UserError
+from moelpr.modeling import MoELPRConfig, MoELPRForCausalLM, MoELPROutput, register
+from moelpr.moe.capture import capture_router_logits, moe_blocks
+from moelpr.moe.freeze import parameter_counts, parameter_summary, set_trainable
+from moelpr.moe.layer import MoEBlock, StackedExperts
+from moelpr.moe.upcycle import add_classifiers, add_expert_group, upcycle
+
+register()
+
+__all__ = [
+    "MoEBlock", "MoELPRConfig", "add_classifiers", "MoELPRForCausalLM", "MoELPROutput", "StackedExperts", "UserError",
+    "add_expert_group", "capture_router_logits", "load_model", "moe_blocks", "parameter_counts",
+    "parameter_summary", "save_model", "set_trainable", "upcycle",
+]

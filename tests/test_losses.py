@@ -1,0 +1,90 @@
+"""Losses against hand-computed values on small tensors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelpr import losses
+
+
+def test_load_balancing_mixtral_and_paper_forms():
+    # 4 tokens, 3 experts, top-1; hand: f = [2/4, 1/4, 1/4], P = column means of softmax
+    logits = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 0.5], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]])
+    probs = logits.softmax(-1)
+    f = torch.tensor([0.5, 0.25, 0.25])
+    expected = 3 * (f * probs.mean(0)).sum()
+    assert losses.load_balancing_loss([logits], top_k=1).item() == pytest.approx(expected.item(), rel=1e-6)
+    # top-2: f sums to 2; paper form divides by k
+    chosen = torch.zeros(4, 3).scatter_(1, probs.topk(2).indices, 1.0)
+    expected2 = 3 * (chosen.mean(0) * probs.mean(0)).sum()
+    assert losses.load_balancing_loss([logits], 2).item() == pytest.approx(expected2.item(), rel=1e-6)
+    assert losses.load_balancing_loss([logits], 2, form="paper").item() == pytest.approx(expected2.item() / 2, rel=1e-6)
+
+
+def test_load_balancing_is_k_when_uniform_and_excludes_padding():
+    uniform = torch.zeros(6, 4)
+    assert losses.load_balancing_loss([uniform], 2).item() == pytest.approx(2.0)
+    assert losses.load_balancing_loss([uniform], 2, form="paper").item() == pytest.approx(1.0)
+    logits = torch.randn(6, 4)
+    mask = torch.tensor([1, 1, 0, 1, 0, 1])
+    expected = losses.load_balancing_loss([logits[mask.bool()]], 2)
+    assert losses.load_balancing_loss([logits], 2, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_load_balancing_averages_layers_with_their_own_expert_counts():
+    a, b = torch.randn(5, 3), torch.randn(5, 6)
+    mean = (losses.load_balancing_loss([a], 2) + losses.load_balancing_loss([b], 2)) / 2
+    assert losses.load_balancing_loss([a, b], 2).item() == pytest.approx(mean.item(), rel=1e-6)
+
+
+def test_lpr_paper_form_is_mean_minus_log_g0_over_layer_old_token_pairs():
+    l1 = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [3.0, 1.0, 1.0]])
+    l2 = torch.tensor([[0.5, 0.5], [2.0, -1.0], [0.0, 4.0]])
+    old = torch.tensor([1, 0, 1])
+    terms = [-math.log(l.softmax(-1)[t, 0].item()) for l in (l1, l2) for t in (0, 2)]
+    assert losses.lpr_loss([l1, l2], old).item() == pytest.approx(sum(terms) / 4, rel=1e-6)
+
+
+def test_lpr_official_form_is_double_softmax_cross_entropy():
+    logits = torch.randn(5, 6)
+    old = torch.tensor([1, 1, 0, 1, 0])
+    probs = logits.softmax(-1)[old.bool()]
+    expected = F.cross_entropy(probs, torch.zeros(3, dtype=torch.long))
+    assert losses.lpr_loss([logits], old, form="official").item() == pytest.approx(expected.item(), rel=1e-6)
+    # bounded below by log(1 + (E-1)/e), as method.md notes
+    confident = torch.tensor([[100.0, 0, 0, 0, 0, 0]])
+    bound = math.log(1 + 5 / math.e)
+    assert losses.lpr_loss([confident], torch.tensor([1]), form="official").item() == pytest.approx(bound, rel=1e-5)
+
+
+def test_lpr_without_old_tokens_is_zero_not_nan_and_keeps_graph():
+    logits = torch.randn(4, 3, requires_grad=True)
+    value = losses.lpr_loss([logits], torch.zeros(4))
+    assert value.item() == 0.0
+    value.backward()
+    assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
+def test_classifier_loss_ignores_masked_rows():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    labels = torch.tensor([0, 1, -100])
+    expected = F.cross_entropy(logits[:2], labels[:2])
+    assert losses.classifier_loss([logits], [labels]).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_chunked_causal_lm_loss_equals_full_loss_and_grads():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(2, 7, 8, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 7))
+    labels[0, 3] = -100
+    full = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    chunked = losses.causal_lm_loss(hidden, labels, head, chunk_size=4)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    g_full = torch.autograd.grad(full, hidden)[0]
+    g_chunk = torch.autograd.grad(losses.causal_lm_loss(hidden, labels, head, chunk_size=3), hidden)[0]
+    torch.testing.assert_close(g_chunk, g_full, atol=1e-6, rtol=1e-5)
+    summed = losses.causal_lm_loss(hidden, labels, head, num_items_in_batch=20)
+    assert summed.item() == pytest.approx(full.item() * 11 / 20, rel=1e-6)
