@@ -1,0 +1,237 @@
+"""`train(recipe)`: one training run, setup → train → save.
+
+Stage 1 (method: moe, stage: 1): upcycle the dense model, train the new experts and routers on the new
+languages with NTP + α·balance; with `expand: true` (LayerMoE lifelong expansion) add one expansion group to
+a finished stage-2 model and train only it on its group's corpora. Stage 2 (stage: 2): load the stage-1
+model, train only the routers (and LayerMoE classifiers, when the recipe asks for them) on the new languages
+plus the old-language replay with NTP + γ·LPR (+ classifier CE). The saved config's `completed_stage` records
+the finished stage. Baselines: `full` trains every parameter of the
+dense model; `lora` and `llama_pro` are prepared and saved by `moelpr.train.baselines`.
+
+Output directory: Trainer checkpoints go to `output_dir/checkpoints/`; the final model (loadable with
+`moelpr.load_model`), its tokenizer and `train_metrics.json` appear in `output_dir` in one atomic swap at
+the end, so a failed run never leaves a half-written model there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from moelpr.errors import UserError
+from moelpr.train.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "train_metrics.json"
+
+
+def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
+    """Run `recipe` and return the output directory holding the trained model.
+
+    Args:
+        recipe: a validated `Recipe` (see `moelpr.train.load_recipe`).
+        callbacks: extra `transformers.TrainerCallback`s.
+    """
+    from transformers import AutoTokenizer, set_seed
+
+    import moelpr
+    from moelpr.data import BlockCollator, load_corpora, tokenize_and_pack
+    from moelpr.train import layermoe
+    from moelpr.train.trainer import MoETrainer
+
+    # ---- setup: output directory, model, trainable set, data --------------------------------------------
+    out_dir = recipe.output_dir
+    resume = _resume_point(recipe, out_dir)
+    args = _training_arguments(recipe, out_dir / CHECKPOINTS)
+    tokenizer = _load_tokenizer(recipe.model, AutoTokenizer)
+    corpora = load_corpora(recipe.corpora)
+    set_seed(args.seed)  # the router initialisation (and LoRA / LLaMA-Pro init) is random
+
+    if recipe.method == "moe" and recipe.expand:  # LayerMoE lifelong expansion: only the new group trains
+        model, group = layermoe.expanded_model(recipe, moelpr)
+        corpora = [c for c in corpora if c.group == group]
+        if not corpora:
+            raise UserError(f"lifelong expansion trains expansion group {group} on corpora with group: {group}, "
+                            "but none has it; set group on the new languages' corpora")
+        moelpr.set_trainable(model, "stage1", groups=[group - 1])
+    elif recipe.method == "moe" and recipe.stage == 1:
+        model = _stage1_model(recipe, moelpr)
+        corpora = [c for c in corpora if c.role == "new"]
+        if not corpora:
+            raise UserError("stage 1 trains on the new languages but no corpus has role: new; add one")
+        moelpr.set_trainable(model, "stage1")
+    elif recipe.method == "moe":
+        model = _stage2_model(recipe, moelpr)
+        if not any(c.role == "old" for c in corpora):
+            raise UserError("stage 2 needs old-language replay data but no corpus has role: old; add one "
+                            "(max_docs limits how many documents are replayed)")
+        layermoe.setup_classifiers(model, recipe, corpora)  # LayerMoE: classifiers train with the routers
+        moelpr.set_trainable(model, "stage2")
+    else:
+        model = moelpr.load_model(recipe.model)
+        if isinstance(model, moelpr.MoELPRForCausalLM):
+            raise UserError(f"method: {recipe.method} is a baseline on the dense model; {recipe.model} is an MoE-LPR model")
+        if recipe.method == "full":
+            moelpr.set_trainable(model, "all")
+        else:
+            model = _baselines().prepare_baseline(
+                recipe.method, model, lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha,
+                lora_target=recipe.lora_target, llama_pro_blocks=recipe.llama_pro_blocks,
+                llama_pro_every=recipe.llama_pro_every, verbose=False)
+    if recipe.method == "moe":
+        model.config.completed_stage = recipe.stage - 1  # checkpoints taken during this run are unfinished
+    corpora = [c if c.max_docs is not None or recipe.max_docs is None else dataclasses.replace(c, max_docs=recipe.max_docs)
+               for c in corpora]
+    if args.process_index == 0:
+        print(moelpr.parameter_summary(model))
+
+    with args.main_process_first(desc="tokenize and pack"):
+        dataset = tokenize_and_pack(corpora, tokenizer, cutoff_len=recipe.cutoff_len, cache_dir=recipe.cache_dir,
+                                    num_proc=recipe.num_proc, streaming=recipe.streaming, on_bad_record=recipe.on_bad_record,
+                                    seed=args.seed if recipe.streaming else None)  # the Trainer shuffles map-style data
+
+    # ---- train ------------------------------------------------------------------------------------------
+    trainer = MoETrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         data_collator=BlockCollator(pad_token_id=tokenizer.pad_token_id), callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # ---- save (main process only; the others wait) ------------------------------------------------------
+    if recipe.method == "moe":
+        model.config.completed_stage = recipe.stage  # lifelong expansion starts only from a finished stage 2
+    if trainer.is_world_process_zero():
+        metrics = {"metrics": result.metrics, "final": _last_logged(trainer.state.log_history),
+                   "log_history": trainer.state.log_history, "recipe": recipe.to_dict()}
+        _save(trainer.model, tokenizer, recipe, out_dir, metrics)
+    trainer.accelerator.wait_for_everyone()
+    return out_dir
+
+
+# ---- setup helpers ------------------------------------------------------------------------------------------
+
+def _stage1_model(recipe: Recipe, moelpr):
+    """The dense model upcycled (or, with `continue: true`, an MoE-LPR model to keep training)."""
+    model = moelpr.load_model(recipe.model)
+    if isinstance(model, moelpr.MoELPRForCausalLM):
+        if not recipe.continue_:
+            raise UserError(f"{recipe.model} is already an MoE-LPR model; stage 1 upcycles a dense model "
+                            "(set continue: true to keep training this one)")
+        model.config.aux_loss_coef = recipe.aux_loss_coef
+        model.config.lpr_loss_coef = model.config.cls_loss_coef = 0.0  # classifiers (if any) are frozen in stage 1
+        return model
+    model = moelpr.upcycle(model, num_experts=recipe.experts_per_layer(), top_k=recipe.top_k, layers=recipe.layers,
+                           aux_loss_coef=recipe.aux_loss_coef, lpr_loss_coef=0.0,
+                           balance_loss_form=recipe.balance_loss_form, lpr_loss_form=recipe.lpr_loss_form)
+    model.config.base_model_path = str(Path(recipe.model).resolve())  # the delta format points here
+    return model
+
+
+def _stage2_model(recipe: Recipe, moelpr):
+    """The stage-1 model with the stage-2 losses: NTP + γ·LPR, no balance loss."""
+    model = moelpr.load_model(recipe.model)
+    if not isinstance(model, moelpr.MoELPRForCausalLM):
+        raise UserError(f"stage 2 needs a stage-1 MoE-LPR model; got a dense model at {recipe.model} "
+                        "(run stage 1 first and pass its output_dir as model)")
+    model.config.lpr_loss_coef = recipe.lpr_loss_coef
+    model.config.lpr_loss_form = recipe.lpr_loss_form
+    model.config.aux_loss_coef = 0.0
+    model.config.cls_loss_coef = recipe.cls_loss_coef
+    return model
+
+
+def _baselines():
+    try:
+        from moelpr.train import baselines
+    except ImportError as err:
+        raise UserError(f"the LoRA / LLaMA-Pro baselines are not available ({err})") from None
+    return baselines
+
+
+def _load_tokenizer(model_dir: str, auto_tokenizer):
+    """The tokenizer saved next to the model (a stage-1 delta directory carries its own copy)."""
+    path = Path(model_dir)
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise UserError(f"no tokenizer in {model_dir}; save the tokenizer with the model (tokenizer.save_pretrained)")
+    tokenizer = auto_tokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer in {model_dir} has no eos_token; set one (it ends every packed document)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as Qwen1.5: pad = eos, so EOS is never a target
+    return tokenizer
+
+
+def _resume_point(recipe: Recipe, out_dir: Path) -> str | None:
+    """Check the output directory and resolve `resume_from_checkpoint` (true → the last checkpoint)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = recipe.training_args.get("resume_from_checkpoint")
+    ckpt_dir = out_dir / CHECKPOINTS
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output_dir {out_dir} exists and is not a directory; choose another")
+    if resume in (None, False, "", "false"):
+        if (out_dir / "config.json").exists() and not recipe.overwrite:
+            raise UserError(f"output_dir {out_dir} already holds a trained model; choose another or set overwrite: true")
+        if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not recipe.overwrite:
+            raise UserError(f"output_dir {out_dir} holds checkpoints of an earlier run; set resume_from_checkpoint: true "
+                            "to continue it, or overwrite: true to start again")
+        return None
+    if resume is True or str(resume).lower() == "true":
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if last is None:
+            raise UserError(f"resume_from_checkpoint: true but {ckpt_dir} holds no checkpoint-N directory")
+        return last
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise UserError(f"resume_from_checkpoint {resume} is not a Trainer checkpoint (no trainer_state.json)")
+    return str(resume)
+
+
+def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
+    """`TrainingArguments` from the recipe, with the settings this trainer relies on."""
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = dict(recipe.training_args)
+    kwargs.pop("resume_from_checkpoint", None)  # passed to trainer.train()
+    kwargs["output_dir"] = str(checkpoint_dir)
+    kwargs["remove_unused_columns"] = False  # keep lang_mask / lang_group for the collator and the LPR loss
+    kwargs.setdefault("ddp_find_unused_parameters", False)  # fused experts: every parameter is used
+    kwargs.setdefault("report_to", "none")
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"invalid training arguments: {first}") from None
+
+
+# ---- save ---------------------------------------------------------------------------------------------------
+
+def _last_logged(history: list[dict]) -> dict:
+    """The last training log entry (the one with `loss`) merged with the end-of-training summary."""
+    final: dict = {}
+    for entry in history:
+        if "loss" in entry:
+            final = dict(entry)
+    for entry in history[-1:]:
+        final.update({k: v for k, v in entry.items() if k.startswith("train_")})
+    return final
+
+
+def _save(model, tokenizer, recipe: Recipe, out_dir: Path, metrics: dict) -> None:
+    """Write the final model, tokenizer and metrics; keep the checkpoints; swap into `out_dir` atomically."""
+    import moelpr
+    from moelpr.utils.atomic import atomic_output_dir, atomic_write_json
+
+    with atomic_output_dir(out_dir, overwrite=True) as staging:
+        if recipe.method in ("lora", "llama_pro"):
+            _baselines().save_baseline(recipe.method, model, staging, tokenizer, overwrite=True)
+        else:
+            moelpr.save_model(model, staging, format=recipe.save_format, tokenizer=tokenizer, overwrite=True)
+        atomic_write_json(staging / METRICS_FILE, metrics)
+        checkpoints = out_dir / CHECKPOINTS
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()  # the Trainer creates it even when it saves nothing
+        elif checkpoints.is_dir():
+            os.replace(checkpoints, staging / CHECKPOINTS)  # last step inside the block: nothing can fail after it

@@ -1,0 +1,45 @@
+"""Shared fixtures for the data tests: a tiny word-level tokenizer and corpus-file writers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+WORDS = "a b c d e f g h i j k l m n o p alpha beta gamma delta".split()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """Word-level fast tokenizer: one token per whitespace-separated word; eos `</s>` (1), pad `<pad>` (0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"])
+    backend.train_from_iterator([" ".join(WORDS)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+    return tok
+
+
+def write_jsonl(path: Path, texts: list, *, field: str = "text", gz: bool = False) -> Path:
+    """Write one JSON object per line (`texts` items that are dicts are written as they are)."""
+    lines = [json.dumps(t if isinstance(t, dict) else {field: t}, ensure_ascii=False) for t in texts]
+    data = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def jsonl():
+    """The `write_jsonl` helper, as a fixture so tests need not import conftest."""
+    return write_jsonl

@@ -1,0 +1,15 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from train_helpers import build_dense, write_corpora  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """(dense model dir, corpora.yaml) shared by the training tests (read-only)."""
+    root = tmp_path_factory.mktemp("train_world")
+    return build_dense(root), write_corpora(root / "data")
