@@ -1,0 +1,156 @@
+"""lm-eval integration: our perplexity equals lm-eval's, shipped suites, `moe-lpr benchmark`."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moelpr.cli import main
+from moelpr.evaluate import harness
+from moelpr.evaluate.perplexity import evaluate_texts
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+def _local_tasks(root: Path, docs: list[str]) -> Path:
+    """A loglikelihood_rolling task over `docs` and a group running a multiple-choice task 2-shot."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ppl.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs),
+                                    encoding="utf-8")
+    mc = [{"question": f"{a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "answer": 0}
+          for a, b in [(1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]]
+    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc), encoding="utf-8")
+    (root / "local_ppl.yaml").write_text(yaml.safe_dump({  # absolute data paths: lm-eval resolves against the CWD
+        "task": "local_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(root / "ppl.jsonl")}},
+        "output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+    }))
+    (root / "local_mc.yaml").write_text(yaml.safe_dump({
+        "task": "local_mc", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"train": str(root / "mc.jsonl"), "test": str(root / "mc.jsonl")}},
+        "output_type": "multiple_choice", "training_split": "train", "test_split": "test",
+        "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}],
+    }))
+    (root / "local_group.yaml").write_text(yaml.safe_dump({  # the shape of our suite YAMLs
+        "group": "local_group", "task": [{"task": "local_mc", "num_fewshot": 2}],
+        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": False}],
+    }))
+    return root
+
+
+def _lm_eval_bpb(lm, task_dir: Path) -> float:
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model=lm, tasks=["local_ppl"], bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
+    return out["results"]["local_ppl"]["bits_per_byte,none"]
+
+
+def test_benchmark_on_a_saved_dense_model_agrees_with_our_perplexity(tmp_path, dense_dir, dense_model, tokenizer, texts):
+    docs = texts["en"] + texts["el"]  # long (several windows) and multi-byte documents
+    task_dir = _local_tasks(tmp_path / "tasks", docs)
+    record = harness.run_benchmark(dense_dir, ["local_ppl", "local_group"], include_paths=[task_dir], device="cpu",
+                                   batch_size=3, include_defaults=False, bootstrap_iters=0)
+    ours = evaluate_texts(dense_model, tokenizer, {"xx": docs}, {"xx": "old"}, progress=False)
+    assert record["results"]["local_ppl"]["bits_per_byte,none"] == pytest.approx(ours["bpb"]["xx"], rel=1e-5)
+    assert record["n-shot"]["local_mc"] == 2  # the group's num_fewshot reaches its task
+    assert 0.0 <= record["results"]["local_group"]["acc,none"] <= 1.0
+    assert record["model"] == str(dense_dir) and record["summary"]["scores"] == {}
+    json.dumps(record)  # JSON-ready
+
+
+def test_moe_model_agrees_and_stock_hf_shows_the_double_bos(tmp_path, moe_dir, moe_model, dense_model, tokenizer, texts):
+    from lm_eval.models.huggingface import HFLM
+
+    docs = texts["es"] + texts["hu"]
+    task_dir = _local_tasks(tmp_path / "tasks", docs)
+    ours_moe = evaluate_texts(moe_model, tokenizer, {"xx": docs}, {"xx": "old"}, progress=False)["bpb"]["xx"]
+    theirs_moe = _lm_eval_bpb(harness.model_class()(pretrained=str(moe_dir), device="cpu", batch_size=2), task_dir)
+    assert theirs_moe == pytest.approx(ours_moe, rel=1e-5)
+
+    # The stock HFLM scores BOS→BOS once per document (our tokenizer adds BOS itself): a higher bpb.
+    ours_dense = evaluate_texts(dense_model, tokenizer, {"xx": docs}, {"xx": "old"}, progress=False)["bpb"]["xx"]
+    stock = _lm_eval_bpb(HFLM(pretrained=dense_model, tokenizer=tokenizer, batch_size=2), task_dir)
+    fixed = _lm_eval_bpb(harness.model_class()(pretrained=dense_model, tokenizer=tokenizer, batch_size=2), task_dir)
+    assert fixed == pytest.approx(ours_dense, rel=1e-5)
+    assert stock > ours_dense * (1 + 1e-3)
+
+
+def _referenced_tasks(data: dict) -> list[str]:
+    return [t if isinstance(t, str) else t["task"] for t in data["task"]]
+
+
+def test_shipped_suites_mirror_the_table_and_reference_existing_tasks():
+    files = {p.stem: yaml.safe_load(p.read_text()) for p in harness.TASKS_DIR.glob("*.yaml")}
+    assert all(data["group"] == stem for stem, data in files.items())
+    for bench, spec in harness.PAPER_BENCHMARKS.items():
+        for role, langs in (("old", harness.OLD_LANGUAGES), ("new", harness.NEW_LANGUAGES)):
+            data = files[f"moelpr_{bench}_{role}"]
+            assert _referenced_tasks(data) == [spec["tasks"][lang] for lang in langs if lang in spec["tasks"]]
+            assert {t["num_fewshot"] for t in data["task"]} == {spec["num_fewshot"]}
+            assert data["aggregate_metric_list"][0]["metric"] == spec["metric"]
+    for names in harness.SUITES.values():
+        assert all(name in files for name in names)
+    # every task a suite references is a group of ours or exists in the installed lm-eval's task files
+    root = Path(lm_eval.__file__).parent / "tasks"
+    pattern = re.compile(r"^(?:task|group):\s*['\"]?([\w\-.]+)", re.M)
+    known = {name for p in root.rglob("*.yaml") for name in pattern.findall(p.read_text(errors="ignore"))}
+    referenced = {t for data in files.values() for t in _referenced_tasks(data)}
+    missing = sorted(referenced - known - set(files))
+    assert not missing, f"suite YAMLs reference tasks lm-eval {lm_eval.__version__} lacks: {missing}"
+
+
+def test_lm_eval_reads_the_shipped_files_as_groups():
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(harness.TASKS_DIR), include_defaults=False)  # ours only: fast
+    assert set(manager.all_groups) == {p.stem for p in harness.TASKS_DIR.glob("*.yaml")}
+
+
+def test_summarize_gives_the_papers_averages():
+    results = {"arc_challenge": {"acc_norm,none": 0.4}, "arc_zh": {"acc_norm,none": 0.3}, "arc_hu": {"acc_norm,none": 0.2},
+               "belebele_ell_Grek": {"acc,none": 0.5}, "belebele_tur_Latn": {"acc,none": 0.7},
+               "global_mmlu_full_el": {"acc,none": 0.25}, "mmlu": {"acc,none": float("nan")}}
+    summary = harness.summarize(results)
+    assert summary["scores"] == {"arc": {"en": 0.4, "zh": 0.3, "hu": 0.2}, "belebele": {"el": 0.5, "tr": 0.7}}
+    assert summary["avg"]["old"] == pytest.approx({"arc": 0.35, "all": 0.35})
+    assert summary["avg"]["new"] == pytest.approx({"arc": 0.2, "belebele": 0.6, "all": 0.4})
+    assert summary["substitutes"] == {"mmlu": {"el": 0.25}}
+
+
+def test_module_entry_point_runs_the_stock_cli_with_our_suites(monkeypatch):
+    import lm_eval.__main__
+
+    seen = {}
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.setdefault("argv", list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    harness.main(["run", "--model", "moelpr", "--tasks", "moelpr_paper"])
+    assert seen["argv"][-2:] == ["--include_path", str(harness.TASKS_DIR)]
+    from lm_eval.api.registry import get_model
+
+    assert get_model("moelpr") is harness.model_class()
+
+
+def _benchmark(capsys, *args):
+    code = main(["benchmark", *args])
+    return code, capsys.readouterr().err
+
+
+def test_benchmark_bad_inputs_exit_2(tmp_path, capsys, monkeypatch, dense_dir):
+    code, err = _benchmark(capsys, "--model", str(tmp_path / "nope"), "--suite", "moelpr-paper", "--output", "o.json")
+    assert code == 2 and "does not exist" in err
+    code, err = _benchmark(capsys, "--model", str(dense_dir), "--output", str(tmp_path / "o.json"))
+    assert code == 2 and "--suite" in err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    code, err = _benchmark(capsys, "--model", str(dense_dir), "--suite", "moelpr-paper", "--output", "o.json")
+    assert code == 2 and "pip install 'moelpr[eval]'" in err
+    assert err.count("\n") == 1 and not (tmp_path / "o.json").exists()
+
+
+def test_unknown_task_is_a_user_error(tmp_path, dense_dir):
+    with pytest.raises(harness.UserError, match="unknown lm-eval task"):
+        harness.run_benchmark(dense_dir, ["no_such_task"], include_defaults=False)
