@@ -1,0 +1,138 @@
+"""The demo's sizes (full and `--quick`), and the record that stops two different runs mixing in one directory.
+
+Why these sizes (docs/demo.md has the measurements): on 2 CPU cores a 4-layer, 128-wide Llama with a 4,096-token
+vocabulary trains at a few thousand tokens per second in float32, so the whole comparison (base pretraining, six
+trained methods, seven evaluations) fits in 15 minutes. bf16 is used only on CPUs with native bf16 matrix units
+(AMX / AVX512-BF16): on AVX2-only CPUs PyTorch emulates bf16 matmuls and they run several times *slower*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moelpr.errors import UserError
+
+SETTINGS_FILE = "demo_settings.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSizes:
+    """Model, data and training sizes of one demo run (every method shares the new-language budget)."""
+
+    # corpus (man pages only) and tokenizer
+    max_pages_per_language: int | None = None  # None renders every installed page
+    vocab_size: int = 4096
+    # base model (Llama-style)
+    hidden_size: int = 128
+    num_layers: int = 4
+    intermediate_size: int = 384
+    num_heads: int = 4
+    cutoff_len: int = 128  # training block = the model's context = the evaluation window
+    batch_size: int = 16  # blocks per optimiser step, every run
+    # base pretraining on the old languages
+    base_steps: int = 400
+    base_lr: float = 3e-3
+    # new-language data: tokens per new language in the stage-1 mix (documents in file order, last one cut)
+    new_tokens_per_language: int = 80_000
+    # the comparison
+    stage1_steps: int = 120  # MoE stage 1; baselines get stage1_steps + stage2_steps on new data + replay
+    lr: float = 1e-3  # full FT, LoRA, LLaMA-Pro and MoE stage 1 alike
+    num_experts: int = 4  # counting expert 0, the frozen original FFN
+    top_k: int = 2
+    lora_rank: int = 8
+    llama_pro_blocks: int = 2
+    # stage 2 (review): old-language replay = replay_fraction of the stage-1 tokens, new = 2× that (paper 1:2)
+    replay_fraction: float = 0.03
+    stage2_epochs: int = 10
+    stage2_lr: float = 1e-2  # routers only (0.06 % of the weights), ~100 steps: a larger step than stage 1
+    lpr_loss_coef: float = 0.1
+    # LayerMoE (same data, steps and learning rates as MoE-LPR): similarity measured on the base with this many
+    # review tokens per language; budget δ of the allocation (expert 0 counted, ≥ 2 × layers); classifiers on
+    # the `classifier_top_k` most similar layers (the paper: 7 of 24 layers ≈ 1 of 4)
+    similarity_tokens: int = 4000
+    layermoe_budget: int = 9
+    classifier_top_k: int = 1
+    # evaluation
+    eval_tokens_per_language: int = 8000
+    eval_batch_size: int = 16
+
+
+FULL = DemoSizes()
+QUICK = DemoSizes(max_pages_per_language=20, vocab_size=1024, hidden_size=64, num_layers=2, intermediate_size=128,
+                  num_heads=2, cutoff_len=64, batch_size=8, base_steps=40, new_tokens_per_language=4000,
+                  stage1_steps=12, replay_fraction=0.05, stage2_epochs=2, eval_tokens_per_language=400,
+                  similarity_tokens=400, layermoe_budget=5)
+"""The CI smoke run: the same pipeline at toy sizes; its numbers show that everything runs, not the paper's claims."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (Linux /proc/cpuinfo flags amx_bf16 or avx512_bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    if precision == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return precision
+
+
+def settings_record(sizes: DemoSizes, *, quick: bool, seed: int, precision: str, languages: dict[str, list[str]],
+                    corpora: str | None, heldout: str | None) -> dict[str, Any]:
+    """What makes a run: compared on every rerun in the same output directory."""
+    return {
+        "quick": quick,
+        "seed": seed,
+        "precision": precision,
+        "languages": languages,
+        "corpora": None if corpora is None else os.path.abspath(corpora),
+        "heldout": None if heldout is None else os.path.abspath(heldout),
+        "sizes": dataclasses.asdict(sizes),
+    }
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
+
+
+def check_or_write_settings(out_dir: Path, record: dict[str, Any], *, overwrite: bool) -> None:
+    """Write `demo_settings.json`, or refuse a directory that holds a run made with other settings."""
+    from moelpr.utils.atomic import atomic_write_json
+
+    path = out_dir / SETTINGS_FILE
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output {out_dir} exists and is not a directory; choose another")
+    if path.is_file() and not overwrite:
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is not valid JSON; use another --output or --overwrite") from None
+        diff = _differences(previous, record)
+        if diff:
+            shown = "; ".join(diff[:3]) + (f"; +{len(diff) - 3} more" if len(diff) > 3 else "")
+            raise UserError(f"{out_dir} holds a demo run made with other settings ({shown}); "
+                            "use another --output or --overwrite")
+        return
+    if not path.is_file() and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} is not empty and holds no demo run ({SETTINGS_FILE} missing); use another --output")
+    if path.is_file() and overwrite:
+        import shutil
+
+        shutil.rmtree(out_dir)  # only a directory that holds a demo run is ever removed
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)

@@ -1,0 +1,164 @@
+"""`moe-lpr demo`: the --quick run end to end on the installed man pages, reruns, and bad input (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from moelpr.cli import main
+from moelpr.demo.run import METHODS
+from moelpr.demo.settings import QUICK, settings_record
+
+MANPAGE_PACKAGES = ("manpages", "manpages-es", "manpages-zh", "manpages-tr", "manpages-hu", "manpages-uk")
+
+
+def _manpages_installed() -> bool:
+    if not (shutil.which("mandoc") or shutil.which("man")) or not shutil.which("dpkg-query"):
+        return False
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}\\n", *MANPAGE_PACKAGES], capture_output=True, text=True)
+    return proc.returncode == 0 and proc.stdout.count("install ok installed") == len(MANPAGE_PACKAGES)
+
+
+needs_manpages = pytest.mark.skipif(not _manpages_installed(), reason="needs the man-page packages "
+                                    "(bash scripts/install_manpages.sh)")
+
+
+def _demo(capsys, *args) -> tuple[int, str, str]:
+    code = main(["demo", *map(str, args), "--no-progress"])
+    io = capsys.readouterr()
+    return code, io.out, io.err
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moe-lpr demo: error:"), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick demo run, shared by the tests below (about a minute on 2 idle cores)."""
+    if not _manpages_installed():
+        pytest.skip("needs the man-page packages (bash scripts/install_manpages.sh)")
+    out = tmp_path_factory.mktemp("demo") / "run"
+    start = time.monotonic()
+    code = main(["demo", "--output", str(out), "--quick", "--no-progress"])
+    return out, code, time.monotonic() - start
+
+
+@needs_manpages
+def test_quick_demo_writes_results_report_and_figures(quick_run):
+    out, code, _ = quick_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["languages"] == {"old": ["en", "es", "zh"], "new": ["tr", "hu", "uk"]}
+    assert list(results["methods"]) == list(METHODS)
+    for name, res in results["methods"].items():
+        for metric in ("ppl", "bpb"):
+            assert set(res[metric]) == {"en", "es", "zh", "tr", "hu", "uk"}, name
+            assert all(math.isfinite(v) and v > 0 for v in res[metric].values()), name
+    assert "routing" in results["methods"]["moe_lpr"] and "routing" not in results["methods"]["full"]
+    assert len(results["claims"]) == 5 and all(isinstance(c["reproduced"], bool) for c in results["claims"])
+    report = (out / "results.md").read_text()
+    assert "Does the paper's claim reproduce here?" in report and "| moe_lpr |" in report
+    for name in ("old_vs_new.png", "router_expert0.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    allocation = json.loads((out / "layermoe" / "allocation.json").read_text())
+    experts = results["experts"]
+    assert experts["layermoe"]["experts_per_layer"] == allocation["experts_per_layer"]  # stage 1 used the allocation
+    assert experts["moe_lpr"]["experts_per_layer"] == [QUICK.num_experts] * QUICK.num_layers
+    assert experts["layermoe"]["new_experts"] == sum(allocation["experts_per_layer"]) - QUICK.num_layers
+    assert "New-expert budget" in report and "| layermoe |" in report
+    settings = json.loads((out / "demo_settings.json").read_text())
+    assert settings["quick"] is True and settings["sizes"]["base_steps"] == QUICK.base_steps
+    for name in METHODS:
+        assert (out / "models" / name / "config.json").is_file() and (out / "eval" / f"{name}.json").is_file()
+
+
+@needs_manpages
+def test_rerun_reuses_everything(quick_run, capsys):
+    out, code, _ = quick_run
+    assert code == 0
+    before = (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns
+    start = time.monotonic()
+    code, stdout, err = _demo(capsys, "--output", out, "--quick")
+    assert code == 0, err
+    assert time.monotonic() - start < 30  # nothing is trained or evaluated again
+    assert (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns == before
+    finished = [line.split()[1] for line in stdout.splitlines()
+                if line.startswith("[demo] ") and line.split()[1] in METHODS and "old ppl" in line]
+    assert finished == list(METHODS)  # one line per method, in order
+
+
+@needs_manpages
+def test_rerun_with_other_settings_is_refused(quick_run, capsys):
+    out, _, _ = quick_run
+    code, _, err = _demo(capsys, "--output", out, "--quick", "--seed", 7)
+    _one_line_error(code, err, "other settings", "seed", "--overwrite")
+
+
+def test_unknown_language_code(tmp_path, capsys):
+    code, _, err = _demo(capsys, "--output", tmp_path / "out", "--quick", "--new", "tr,xx")
+    _one_line_error(code, err, "'xx'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_mismatch_without_running(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    languages = {"old": ["en", "es", "zh"], "new": ["tr", "hu", "uk"]}
+    record = settings_record(QUICK, quick=True, seed=0, precision="fp32", languages=languages, corpora=None,
+                             heldout=None)
+    (out / "demo_settings.json").write_text(json.dumps(record))
+    code, _, err = _demo(capsys, "--output", out, "--seed", 0, "--precision", "fp32")  # full, not quick
+    _one_line_error(code, err, "other settings", "quick")
+
+
+def test_non_demo_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    code, _, err = _demo(capsys, "--output", tmp_path, "--quick", "--overwrite")
+    _one_line_error(code, err, "holds no demo run")
+    assert (tmp_path / "precious.txt").is_file()
+
+
+def test_corpora_needs_heldout_and_existing_files(tmp_path, capsys):
+    code, _, err = _demo(capsys, "--output", tmp_path / "a", "--quick", "--corpora", tmp_path / "c.yaml")
+    _one_line_error(code, err, "--heldout")
+    code, _, err = _demo(capsys, "--output", tmp_path / "b", "--quick", "--corpora", tmp_path / "c.yaml",
+                         "--heldout", tmp_path / "h.yaml")
+    _one_line_error(code, err, "does not exist")
+
+
+def _write_corpora(tmp_path: Path, entries: list[tuple[str, str]], name: str) -> Path:
+    import yaml
+
+    rows = []
+    for lang, role in entries:
+        path = tmp_path / f"{name}_{lang}.jsonl"
+        path.write_text(json.dumps({"text": f"some {lang} text"}) + "\n")
+        rows.append({"name": f"{name}_{lang}", "path": path.name, "language": lang, "role": role})
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump(rows))
+    return spec
+
+
+def test_user_corpora_errors(tmp_path, capsys):
+    only_new = _write_corpora(tmp_path, [("tr", "new")], "train")
+    held = _write_corpora(tmp_path, [("tr", "new")], "held")
+    code, _, err = _demo(capsys, "--output", tmp_path / "a", "--quick", "--corpora", only_new, "--heldout", held)
+    _one_line_error(code, err, "both roles")
+    both = _write_corpora(tmp_path, [("en", "old"), ("tr", "new")], "train2")
+    code, _, err = _demo(capsys, "--output", tmp_path / "b", "--quick", "--corpora", both, "--heldout", held)
+    _one_line_error(code, err, "no held-out corpus", "en")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("- name: x\n  path: [unclosed\n")
+    code, _, err = _demo(capsys, "--output", tmp_path / "c", "--quick", "--corpora", broken, "--heldout", held)
+    _one_line_error(code, err, "cannot parse")
