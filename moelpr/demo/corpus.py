@@ -50,7 +50,8 @@ MANPAGE_SOURCES: dict[str, tuple[str, str]] = {
 SYSTEM_MAN_ROOT = Path("/usr/share/man")
 RENDER_WIDTH = 1000  # mandoc's maximum; wide enough that few paragraphs wrap
 _WRAP_SLACK = 200  # a line this close to RENDER_WIDTH that is followed by text was wrapped
-_INSTALL_HINT = "run: bash scripts/install_manpages.sh"
+_INSTALL_HINT = ("run: bash scripts/install_manpages.sh (or: apt-get install manpages manpages-es manpages-zh "
+                 "manpages-tr manpages-hu manpages-uk mandoc), or give your own text with --corpora and --heldout")
 
 _OVERSTRIKE = re.compile(".\b")  # bold/underline as "x\bx" / "_\bx"
 # The tag of a tagged paragraph: "-c, --count   Text" → "Text" (not a sentence: "Done.  Next").

@@ -87,3 +87,22 @@ def test_bad_results_files_exit_2(tmp_path, capsys, result_files):
     assert main(["report", str(tmp_path / "missing.json"), "--output", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "r" / "results.md").exists()
+
+
+def test_labels_of_nearby_points_do_not_overlap():
+    from moelpr.evaluate.report import _place_labels, _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.8))
+    points = {(5.50, 2.600): ["moe_lpr"], (5.52, 2.601): ["layermoe"], (5.51, 2.62): ["moe_review_no_lpr"],
+              (3.0, 2.8): ["full"]}
+    for x, y in points:
+        ax.scatter([x], [y])
+    ax.margins(0.25)
+    _place_labels(fig, ax, points)
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text()]
+    assert sorted(t.get_text() for t in labels) == sorted(n for names in points.values() for n in names)
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
