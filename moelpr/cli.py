@@ -46,6 +46,14 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def run_verb(verb: str, argv: list[str]) -> int:
+    """Parse `argv` for `verb` and run it; a `UserError` propagates (`main` turns it into exit status 2)."""
+    module = importlib.import_module(f"moelpr.commands.{VERBS[verb][0]}")
+    parser = argparse.ArgumentParser(prog=f"moe-lpr {verb}", description=VERBS[verb][1])
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv)) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
@@ -58,19 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     _quiet_transformers()
-    module = importlib.import_module(f"moelpr.commands.{VERBS[verb][0]}")
-    parser = argparse.ArgumentParser(prog=f"moe-lpr {verb}", description=VERBS[verb][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
     try:
-        result = module.run(args)
+        return run_verb(verb, rest)
     except UserError as err:
         print(f"moe-lpr {verb}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moe-lpr {verb}: interrupted", file=sys.stderr)
         return 130
-    return int(result or 0)
 
 
 if __name__ == "__main__":

@@ -174,35 +174,30 @@ def _train(name: str, plan: dict[str, Any], out: Path, sizes: DemoSizes, *, seed
 
 def _layermoe_allocation(out: Path, sizes: DemoSizes) -> Path:
     """`moe-lpr similarity` on the base over the review mix, then `moe-lpr allocate` (the real commands)."""
-    import argparse
-
-    from moelpr.commands import allocate, similarity
+    from moelpr.cli import run_verb
 
     folder = out / "layermoe"
     if (folder / "allocation.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    for command, argv in (
-        (similarity, ["--model", str(out / "models" / "base"), "--corpora", str(out / "data" / "review.yaml"),
-                      "--tokens", str(sizes.similarity_tokens), "--max-length", str(sizes.cutoff_len),
-                      "--device", "cpu", "--output", str(folder / "similarity.json")]),
-        (allocate, ["--similarity", str(folder / "similarity.json"), "--budget", str(sizes.layermoe_budget),
-                    "--output", str(folder / "allocation.json")]),
-    ):
-        parser = argparse.ArgumentParser()
-        command.add_arguments(parser)
-        command.run(parser.parse_args(argv))
+    run_verb("similarity", ["--model", str(out / "models" / "base"), "--corpora", str(out / "data" / "review.yaml"),
+                            "--tokens", str(sizes.similarity_tokens), "--max-length", str(sizes.cutoff_len),
+                            "--device", "cpu", "--output", str(folder / "similarity.json")])
+    run_verb("allocate", ["--similarity", str(folder / "similarity.json"), "--budget", str(sizes.layermoe_budget),
+                          "--output", str(folder / "allocation.json")])
     return folder
 
 
-def expert_budget(model_dir: Path) -> dict[str, Any]:
-    """Experts per layer of a saved MoE model and its new-expert parameters (experts 1.., every group)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    text = config.get("text_config", {})
-    per_expert = 3 * text["hidden_size"] * text["intermediate_size"]  # gate, up and down projections
-    experts = config["experts_per_layer"]
-    new = sum(n - 1 for n in experts)
-    return {"experts_per_layer": experts, "new_experts": new, "new_expert_params": new * per_expert}
+def _expert_budget(model_dir: Path) -> dict[str, Any]:
+    """Experts per layer of a saved MoE model and its new experts' count and parameters (every group)."""
+    import moelpr
+    from moelpr.moe.capture import moe_blocks
+
+    model = moelpr.load_model(model_dir)
+    blocks = moe_blocks(model)
+    return {"experts_per_layer": list(model.config.experts_per_layer),
+            "new_experts": sum(block.num_experts - 1 for block in blocks),
+            "new_expert_params": sum(p.numel() for block in blocks for p in block.experts.parameters())}
 
 
 # ---- evaluation and report ---------------------------------------------------------------------------------------
@@ -343,7 +338,7 @@ def run_demo(output_dir: str | os.PathLike, *, quick: bool = False, corpora: str
         evals[name] = timed(name, "eval", lambda: _evaluate(name, model_dir, heldout_yaml, out, sizes, progress))
         log(_line(name, evals[name], evals.get("base"), sum(timing[name].values())))
 
-    experts = {name: expert_budget(out / "models" / name) for name in ("moe_lpr", "layermoe")}
+    experts = {name: _expert_budget(out / "models" / name) for name in ("moe_lpr", "layermoe")}
     results = {"languages": langs, "methods": evals, "experts": experts, "settings": settings, "data": mix,
                "timing": timing}
     _report(out, results, settings, mix, timing)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from moelpr.errors import UserError
 
-FIGURES = ("old_vs_new.png", "router_expert0.png", "review_data.png")
 ROLES = ("old", "new")
 
 
