@@ -14,7 +14,7 @@ from typing import Iterable, Literal
 
 from torch import nn
 
-from moelpr.moe.capture import moe_blocks
+from moelpr.model.capture import moe_blocks
 
 Stage = Literal["stage1", "stage2", "all", "none"]
 

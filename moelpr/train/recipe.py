@@ -52,6 +52,12 @@ class Recipe:
     """Weight of the LPR loss (stage 2)."""
     lpr_loss_form: str = "paper"
     """"paper" (−log G₀) or "official" (CE on the softmax probabilities, as the official code)."""
+    lpr_loss_reduction: str = "mean"
+    """"mean" over (MoE layer, old token) pairs (official code) or "sum" over layers and old tokens per LM target
+    token (the paper's Σ_{t∈B}, on the NTP loss's scale; docs/method-choices.md)."""
+    expert_init: str = "copy"
+    """Stage 1: new experts start as "copy" of the original FFN (the paper's Expert-Copy) or "random" (the
+    "w/o Expert-Copy" ablation)."""
     balance_loss_form: str = "mixtral"
     """"mixtral" (official code, ≈ k when balanced) or "paper" (÷ k)."""
     cutoff_len: int = 1024
@@ -77,7 +83,8 @@ class Recipe:
     continue_: bool = False
     """YAML key `continue`: stage 1 continues training an already upcycled model instead of refusing it."""
     save_format: str | None = None
-    """"delta" (only the MoE weights plus the base path; default for moe) or "full" (default otherwise)."""
+    """"full" (default: every weight plus the model code beside config.json, so stock transformers / lm-eval load
+    it with trust_remote_code) or "delta" (moe only: the MoE weights plus the base's path; loads with moelpr)."""
     overwrite: bool = False
     """Replace an output directory that already holds a trained model or checkpoints."""
     on_bad_record: str = "error"
@@ -108,10 +115,12 @@ class Recipe:
         if self.stage == 2 and self.method != "moe":
             raise UserError(f"stage 2 exists only for method: moe, not {self.method!r}; drop stage or set method: moe")
         _check_choice("lpr_loss_form", self.lpr_loss_form, ("paper", "official"))
+        _check_choice("lpr_loss_reduction", self.lpr_loss_reduction, ("mean", "sum"))
+        _check_choice("expert_init", self.expert_init, ("copy", "random"))
         _check_choice("balance_loss_form", self.balance_loss_form, ("mixtral", "paper"))
         _check_choice("on_bad_record", self.on_bad_record, ("error", "skip"))
         if self.save_format is None:
-            self.save_format = "delta" if self.method == "moe" else "full"
+            self.save_format = "full"
         _check_choice("save_format", self.save_format, SAVE_FORMATS)
         if self.save_format == "delta" and self.method != "moe":
             raise UserError(f"save_format: delta is only for method: moe; use save_format: full for {self.method}")

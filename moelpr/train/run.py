@@ -124,8 +124,9 @@ def _stage1_model(recipe: Recipe, moelpr):
         model.config.lpr_loss_coef = model.config.cls_loss_coef = 0.0  # classifiers (if any) are frozen in stage 1
         return model
     model = moelpr.upcycle(model, num_experts=recipe.experts_per_layer(), top_k=recipe.top_k, layers=recipe.layers,
-                           aux_loss_coef=recipe.aux_loss_coef, lpr_loss_coef=0.0,
-                           balance_loss_form=recipe.balance_loss_form, lpr_loss_form=recipe.lpr_loss_form)
+                           expert_init=recipe.expert_init, aux_loss_coef=recipe.aux_loss_coef, lpr_loss_coef=0.0,
+                           balance_loss_form=recipe.balance_loss_form, lpr_loss_form=recipe.lpr_loss_form,
+                           lpr_loss_reduction=recipe.lpr_loss_reduction)
     model.config.base_model_path = str(Path(recipe.model).resolve())  # the delta format points here
     return model
 
@@ -138,6 +139,7 @@ def _stage2_model(recipe: Recipe, moelpr):
                         "(run stage 1 first and pass its output_dir as model)")
     model.config.lpr_loss_coef = recipe.lpr_loss_coef
     model.config.lpr_loss_form = recipe.lpr_loss_form
+    model.config.lpr_loss_reduction = recipe.lpr_loss_reduction
     model.config.aux_loss_coef = 0.0
     model.config.cls_loss_coef = recipe.cls_loss_coef
     return model

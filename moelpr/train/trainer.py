@@ -6,8 +6,9 @@ global batch is split into gradient-accumulation micro-batches or over processes
 
 - LM: summed CE / `num_items_in_batch` (label tokens over all micro-batches and processes), ×world_size to
   undo DDP's gradient averaging;
-- LPR: each micro-batch's mean over (layer, old token) pairs, weighted by its share of the old tokens of
-  the whole global batch (same ×world_size), i.e. exactly the mean over the global batch (method.md §3.1);
+- LPR, `lpr_loss_reduction: mean`: each micro-batch's mean over (layer, old token) pairs, weighted by its
+  share of the old tokens of the whole global batch (same ×world_size), i.e. exactly the mean over the global
+  batch (method.md §3.1); `sum`: a sum over the global batch's target count, so scaled exactly like the LM term;
 - balance (and LayerMoE classifier): defined per forward pass, as in the official code, so ÷GA; DDP's
   averaging then gives the mean over processes.
 
@@ -33,7 +34,7 @@ class MoETrainer(Trainer):
         self._metric_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         self._old_tokens_in_batch: torch.Tensor | None = None
         self._classifier_logits: list[torch.Tensor] = []
-        from moelpr.moe.classifier import LanguageClassifier
+        from moelpr.model.classifier import LanguageClassifier
 
         for module in self.model.modules():
             if isinstance(module, LanguageClassifier):
@@ -56,7 +57,7 @@ class MoETrainer(Trainer):
 
     # -- loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from moelpr.modeling import MoELPRForCausalLM
+        from moelpr.model import MoELPRForCausalLM
 
         unwrapped = self.accelerator.unwrap_model(model)
         training = model.training
@@ -86,7 +87,10 @@ class MoETrainer(Trainer):
             terms["aux_loss"] = out.aux_loss / ga
             loss = loss + cfg.aux_loss_coef * terms["aux_loss"]
         if out.lpr_loss is not None and cfg.lpr_loss_coef:
-            terms["lpr_loss"] = self._lpr_share(out.lpr_loss, inputs["lang_mask"], ga, world, training)
+            if cfg.lpr_loss_reduction == "sum":  # a sum / the LM's target count: scaled like the LM term
+                terms["lpr_loss"] = out.lpr_loss * world if num_items_in_batch is not None else out.lpr_loss / ga
+            else:
+                terms["lpr_loss"] = self._lpr_share(out.lpr_loss, inputs["lang_mask"], ga, world, training)
             loss = loss + cfg.lpr_loss_coef * terms["lpr_loss"]
         if out.cls_loss is not None and cfg.cls_loss_coef:
             terms["cls_loss"] = out.cls_loss / ga
@@ -133,7 +137,7 @@ class MoETrainer(Trainer):
         """Sums for the classifier accuracy against the batch's language groups."""
         if not self._classifier_logits or inputs.get("lang_group") is None:
             return
-        from moelpr.moe.classifier import group_labels
+        from moelpr.model.classifier import group_labels
 
         mask = inputs.get("attention_mask")
         targets = group_labels(inputs["lang_group"], mask if mask is not None and mask.dim() == 2 else None,
