@@ -33,6 +33,8 @@ class MoELPRConfig(PreTrainedConfig):
         lm_loss_chunk_size: target tokens per chunk of the memory-lean LM loss.
         completed_stage: the last training stage finished (0 = just upcycled, 1, 2); lifelong expansion needs 2.
         expert_init: how the first group's new experts started ("copy" of expert 0, or "random"); provenance.
+        loramoe: the LoRAMoE baseline instead of upcycled experts: `{"experts": E, "rank": r, "alpha": α}`
+            LoRA experts with a softmax router on every MLP linear (`loramoe.py`); every layer stays dense.
     """
 
     model_type = "moelpr"
@@ -56,6 +58,7 @@ class MoELPRConfig(PreTrainedConfig):
     lm_loss_chunk_size: int = 1024
     completed_stage: int = 0
     expert_init: str = "copy"
+    loramoe: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -83,6 +86,14 @@ class MoELPRConfig(PreTrainedConfig):
             raise UserError(f"lpr_loss_reduction must be 'mean' or 'sum', got {self.lpr_loss_reduction!r}")
         if self.classifier_pooling not in ("sequence", "token"):
             raise UserError(f"classifier_pooling must be 'sequence' or 'token', got {self.classifier_pooling!r}")
+
+        if self.loramoe is not None:
+            spec = self.loramoe
+            if set(spec) != {"experts", "rank", "alpha"} or any(
+                    isinstance(spec[k], bool) or not isinstance(spec[k], (int, float)) or spec[k] <= 0 for k in spec):
+                raise UserError(f"loramoe must be {{experts: E, rank: r, alpha: a}} with positive numbers, got {spec!r}")
+            if self.moe_layers:
+                raise UserError("loramoe is a baseline on the dense layers; it does not combine with upcycled experts")
 
     @property
     def moe_layers(self) -> list[int]:

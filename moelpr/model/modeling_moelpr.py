@@ -26,6 +26,7 @@ from .classifier import LanguageClassifier, group_labels
 from .configuration_moelpr import MoELPRConfig
 from .convert import convert_layers
 from .errors import UserError
+from .loramoe import add_loramoe
 from .losses import causal_lm_loss, classifier_loss, load_balancing_loss, lpr_loss
 
 CACHE_ARG = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
@@ -234,7 +235,11 @@ def _causal_lm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def convert_from_config(lm: PreTrainedModel, config: MoELPRConfig) -> None:
-    """Give a stock LM the MoE layers (and classifiers) that `config` describes."""
+    """Give a stock LM the MoE layers (and classifiers), or the LoRAMoE linears, that `config` describes."""
+    if config.loramoe is not None:
+        spec = config.loramoe
+        add_loramoe(lm, num_experts=int(spec["experts"]), rank=int(spec["rank"]), alpha=float(spec["alpha"]))
+        return
     convert_layers(lm, config.expert_groups, config.num_experts_per_tok, config.classifier_layers or (),
                    config.classifier_groups, config.classifier_pooling, expert_init=config.expert_init)
 

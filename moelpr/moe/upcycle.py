@@ -134,6 +134,35 @@ def upcycle(model: nn.Module, num_experts: int | Sequence[int] = 4, top_k: int =
     return moe
 
 
+def loramoe(model: nn.Module, *, num_experts: int = 8, rank: int = 180, alpha: float = 360.0):
+    """The LoRAMoE baseline (method.md §1.3): LoRA experts with a router on every MLP linear of a dense LM.
+
+    Args:
+        model: the dense causal LM; its MLP linears are wrapped in place and it becomes `result.lm`.
+        num_experts / rank / alpha: LoRA experts per linear, their rank and scaling numerator (paper: 8, 180).
+
+    Returns:
+        A `MoELPRForCausalLM` whose LoRA experts and routers are trainable (everything else frozen).
+    """
+    from moelpr.model import MoELPRConfig, MoELPRForCausalLM
+    from moelpr.model.loramoe import add_loramoe
+    from moelpr.moe.freeze import set_trainable
+
+    if isinstance(model, MoELPRForCausalLM) or moe_blocks(model):
+        raise UserError(f"{type(model).__name__} is upcycled; LoRAMoE is a baseline on the dense model")
+    for key, value in (("loramoe_experts", num_experts), ("lora_rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{key} must be a positive integer, got {value!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise UserError(f"lora_alpha must be a positive number, got {alpha!r}")
+    config = MoELPRConfig(text_config=model.config, loramoe={"experts": num_experts, "rank": rank, "alpha": alpha},
+                          base_model_path=getattr(model, "name_or_path", None) or None)
+    add_loramoe(model, num_experts=num_experts, rank=rank, alpha=alpha)
+    moe = MoELPRForCausalLM(config, lm=model)
+    set_trainable(moe, "loramoe")
+    return moe
+
+
 def add_classifiers(model, layers: Sequence[int], num_classes: int = 2, pooling: str = "sequence") -> None:
     """LayerMoE stage 2: add classifiers to an MoE-LPR model's `layers` and record them in its config.
 

@@ -21,7 +21,7 @@ from moelpr.errors import UserError
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # YAML 1.1 reads 3e-4 (no dot) as a string
 _PATH_KEYS = ("model", "corpora", "output_dir", "cache_dir", "num_experts", "similarity", "resume_from_checkpoint")
 DEFAULT_CLASSIFIER_TOP_K = 7  # LayerMoE's Qwen scripts: classifiers in 7 of 24 layers
-METHODS = ("moe", "full", "lora", "llama_pro")
+METHODS = ("moe", "moe_one_stage", "full", "lora", "llama_pro", "loramoe")
 SAVE_FORMATS = ("delta", "full")
 
 
@@ -34,7 +34,8 @@ class Recipe:
     corpora: Any
     """Corpora spec: a YAML / dataset_info.json path, or an inline list of corpus entries (see moelpr.data)."""
     method: str = "moe"
-    """"moe" (MoE-LPR), or a baseline: "full" (all parameters), "lora", "llama_pro"."""
+    """"moe" (MoE-LPR, stage 1 or 2), "moe_one_stage" (the paper's "MoE": upcycled, every parameter trained in one
+    stage on all corpora), or a baseline on the dense model: "full", "lora", "llama_pro", "loramoe"."""
     stage: int = 1
     """MoE-LPR stage: 1 = post-pretraining on the new languages, 2 = review with the LPR loss."""
     num_experts: Any = 4
@@ -55,6 +56,9 @@ class Recipe:
     lpr_loss_reduction: str = "mean"
     """"mean" over (MoE layer, old token) pairs (official code) or "sum" over layers and old tokens per LM target
     token (the paper's Σ_{t∈B}, on the NTP loss's scale; docs/method-choices.md)."""
+    router_warning_threshold: float = 0.1
+    """Stage 2: warn (one line) about MoE layers whose old-language tokens still take more than this share of
+    their output mix from new experts at the end of training (train_metrics.json: `router_convergence`)."""
     expert_init: str = "copy"
     """Stage 1: new experts start as "copy" of the original FFN (the paper's Expert-Copy) or "random" (the
     "w/o Expert-Copy" ablation)."""
@@ -99,6 +103,9 @@ class Recipe:
     """LoRA baseline: rank."""
     lora_alpha: int = 16
     """LoRA baseline: alpha."""
+    loramoe_experts: int = 8
+    """LoRAMoE baseline: LoRA experts per MLP linear (rank `lora_rank`, scaling `lora_alpha` / rank; the paper:
+    8 experts of rank 180)."""
     lora_target: Any = "all-linear"
     """LoRA baseline: target modules ("all-linear" or a list of module names)."""
     llama_pro_blocks: int | None = None
@@ -124,11 +131,14 @@ class Recipe:
         _check_choice("save_format", self.save_format, SAVE_FORMATS)
         if self.save_format == "delta" and self.method != "moe":
             raise UserError(f"save_format: delta is only for method: moe; use save_format: full for {self.method}")
-        for key in ("top_k", "cutoff_len", "num_proc", "lora_rank", "lora_alpha"):
+        for key in ("top_k", "cutoff_len", "num_proc", "lora_rank", "lora_alpha", "loramoe_experts"):
             _check_positive_int(key, getattr(self, key))
         for key in ("max_docs", "llama_pro_blocks", "llama_pro_every"):
             if getattr(self, key) is not None:
                 _check_positive_int(key, getattr(self, key))
+        if isinstance(self.router_warning_threshold, bool) or not isinstance(self.router_warning_threshold, (int, float)) \
+                or not 0 <= self.router_warning_threshold <= 1:
+            raise UserError(f"router_warning_threshold must be a share between 0 and 1, got {self.router_warning_threshold!r}")
         for key in ("aux_loss_coef", "lpr_loss_coef", "cls_loss_coef"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
