@@ -199,11 +199,21 @@ def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
     kwargs["remove_unused_columns"] = False  # keep lang_mask / lang_group for the collator and the LPR loss
     kwargs.setdefault("ddp_find_unused_parameters", False)  # fused experts: every parameter is used
     kwargs.setdefault("report_to", "none")
+    if "use_cpu" not in kwargs and not _has_accelerator():
+        kwargs["use_cpu"] = True  # bf16 on CPU needs it (autocast, float32 master weights); no pinned memory
     try:
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"invalid training arguments: {first}") from None
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees any accelerator (CUDA, ROCm, MPS, XPU, HPU, NPU, ...) or a TPU."""
+    import torch
+    from transformers.utils import is_torch_xla_available
+
+    return torch.accelerator.is_available() or is_torch_xla_available()
 
 
 # ---- save ---------------------------------------------------------------------------------------------------
