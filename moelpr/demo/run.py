@@ -202,7 +202,8 @@ def _expert_budget(model_dir: Path) -> dict[str, Any]:
 
 # ---- evaluation and report ---------------------------------------------------------------------------------------
 
-def _evaluate(name: str, model_dir: Path, heldout_yaml: Path, out: Path, sizes: DemoSizes, progress: bool) -> dict:
+def _evaluate(name: str, model_dir: Path, heldout_yaml: Path, out: Path, sizes: DemoSizes, *, precision: str,
+              progress: bool) -> dict:
     from moelpr.data.corpus import load_corpora
     from moelpr.evaluate import load_model_and_tokenizer
     from moelpr.evaluate.perplexity import evaluate_corpora
@@ -214,7 +215,7 @@ def _evaluate(name: str, model_dir: Path, heldout_yaml: Path, out: Path, sizes: 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device="cpu")
     results = evaluate_corpora(model, tokenizer, load_corpora(heldout_yaml), batch_size=sizes.eval_batch_size,
                                max_tokens=sizes.eval_tokens_per_language, context_len=sizes.cutoff_len,
-                               progress=progress)
+                               progress=progress, precision=precision)
     results = {"method": name, "model": str(model_dir), **results}
     atomic_write_json(path, results)
     return results
@@ -256,7 +257,8 @@ def _report(out: Path, results: dict, settings: dict, mix: dict, timing: dict) -
         f"Old languages: {', '.join(results['languages']['old'])}; new languages: "
         f"{', '.join(results['languages']['new'])}. Base: Llama-style, {sizes['num_layers']} layers × "
         f"{sizes['hidden_size']} wide, vocabulary {sizes['vocab_size']}, context {sizes['cutoff_len']}; "
-        f"precision {settings['precision']}; seed {settings['seed']}{'; --quick' if settings['quick'] else ''}.",
+        f"precision {settings['precision']} (training and evaluation); seed {settings['seed']}"
+        f"{'; --quick' if settings['quick'] else ''}.",
         f"Stage 1 / baselines: {mix['stage1_tokens']:,} new-language tokens; replay {mix['replay_tokens']:,} "
         f"old-language tokens ({100 * mix['replay_tokens'] / max(1, mix['stage1_tokens']):.1f}% of stage 1). "
         f"Evaluation: the first {sizes['eval_tokens_per_language']:,} held-out tokens per language. "
@@ -281,7 +283,8 @@ def run_demo(output_dir: str | os.PathLike, *, quick: bool = False, corpora: str
         corpora / heldout: the user's train and held-out corpora files instead of the man pages (both or neither).
         seed: seeds the corpus split, initialisation, data order and routers.
         languages_old / languages_new: man-page languages (ignored with `corpora`, which carries its own).
-        precision: "auto" (bf16 only on CPUs with native bf16 matmuls), "fp32" or "bf16" for training.
+        precision: "auto" (bf16 only on CPUs with native bf16 matmuls), "fp32" or "bf16", for training (bf16
+            mixed precision) and evaluation (bf16 autocast) alike.
         overwrite: start again in an `output_dir` that holds a demo run made with other settings.
         progress: progress bars.
         sizes: override the size preset (tests).
@@ -335,7 +338,8 @@ def run_demo(output_dir: str | os.PathLike, *, quick: bool = False, corpora: str
                                                        seed=seed, precision=settings["precision"], progress=progress))
         model_dir = timed(name, "train", lambda: _train(name, plans[name], out, sizes, seed=seed,
                                                          precision=settings["precision"], progress=progress))
-        evals[name] = timed(name, "eval", lambda: _evaluate(name, model_dir, heldout_yaml, out, sizes, progress))
+        evals[name] = timed(name, "eval", lambda: _evaluate(name, model_dir, heldout_yaml, out, sizes,
+                                                             precision=settings["precision"], progress=progress))
         log(_line(name, evals[name], evals.get("base"), sum(timing[name].values())))
 
     experts = {name: _expert_budget(out / "models" / name) for name in ("moe_lpr", "layermoe")}
