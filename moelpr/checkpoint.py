@@ -55,13 +55,18 @@ def is_delta_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / DELTA_META).is_file()
 
 
-def save_model(model, path: str | os.PathLike, *, format: str = "delta", tokenizer=None, overwrite: bool = False) -> Path:
-    """Write `model` to `path` atomically in the `full` or `delta` format (see the module docstring)."""
+def save_model(model, path: str | os.PathLike, *, format: str = "delta", tokenizer=None, overwrite: bool = False,
+               state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` to `path` atomically in the `full` or `delta` format (see the module docstring).
+
+    `state_dict`: the weights to write instead of the model's own, when its parameters are shards
+    (ZeRO-3 or FSDP: gathered with `accelerator.get_state_dict`).
+    """
     if format not in ("full", "delta"):
         raise UserError(f"unknown checkpoint format {format!r}; use 'full' or 'delta'")
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         if format == "full":
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         else:
             base = model.config.base_model_path
             if not base or not Path(base).is_dir():
@@ -75,7 +80,8 @@ def save_model(model, path: str | os.PathLike, *, format: str = "delta", tokeniz
 
             custom_object_save(model, tmp, config=model.config)  # the code, so a moelpr-less load says what it needs
             model.config.save_pretrained(tmp)
-            tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if is_moe_param(n)}
+            weights = dict(model.named_parameters()) if state_dict is None else state_dict
+            tensors = {n: weights[n].detach().contiguous() for n, _ in model.named_parameters() if is_moe_param(n)}
             save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": "pt"})
             meta = {"base_model_path": str(Path(base).resolve()), "base_fingerprint": model.config.base_fingerprint}
             (tmp / DELTA_META).write_text(json.dumps(meta, indent=2) + "\n")

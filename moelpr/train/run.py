@@ -39,7 +39,7 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
         recipe: a validated `Recipe` (see `moelpr.train.load_recipe`).
         callbacks: extra `transformers.TrainerCallback`s.
     """
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     import moelpr
     from moelpr.data import BlockCollator, load_corpora, tokenize_and_pack
@@ -48,11 +48,10 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
 
     # ---- setup: output directory, model, trainable set, data --------------------------------------------
     out_dir = recipe.output_dir
-    args = _training_arguments(recipe, out_dir / CHECKPOINTS)
-    resume = _resume_point(recipe, out_dir, args)
+    resume = _resume_point(recipe, out_dir)
     tokenizer = _load_tokenizer(recipe.model, AutoTokenizer)
     corpora = load_corpora(recipe.corpora)
-    set_seed(args.seed)  # the router initialisation (and LoRA / LLaMA-Pro init) is random
+    set_seed(recipe.training_args.get("seed", TrainingArguments.seed))  # router (and LoRA / LLaMA-Pro) init is random
 
     if recipe.method == "moe" and recipe.expand:  # LayerMoE lifelong expansion: only the new group trains
         model, group = layermoe.expanded_model(recipe, moelpr)
@@ -96,6 +95,9 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
                 llama_pro_every=recipe.llama_pro_every, verbose=False)
     if recipe.method in ("moe", "moe_one_stage"):
         model.config.completed_stage = recipe.stage - 1  # checkpoints taken during this run are unfinished
+    # After the model: with a ZeRO-3 config, TrainingArguments switch on deepspeed.zero.Init for every later
+    # from_pretrained, which would hand the upcycle empty partitions; DeepSpeed partitions the full model itself.
+    args = _training_arguments(recipe, out_dir / CHECKPOINTS)
     corpora = [c if c.max_docs is not None or recipe.max_docs is None else dataclasses.replace(c, max_docs=recipe.max_docs)
                for c in corpora]
     if args.process_index == 0:
@@ -114,7 +116,8 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     # ---- save (main process only; the others wait) ------------------------------------------------------
     if recipe.method in ("moe", "moe_one_stage"):
         model.config.completed_stage = recipe.stage  # lifelong expansion starts only from a finished stage 2
-    convergence = trainer.router_convergence(recipe.router_warning_threshold)  # every process: it all-reduces
+    convergence = trainer.router_convergence(recipe.router_warning_threshold)  # collective: every process
+    state_dict = _gathered_state_dict(trainer)  # collective: every process takes part
     if trainer.is_world_process_zero():
         metrics = {"metrics": result.metrics, "final": _last_logged(trainer.state.log_history),
                    "log_history": trainer.state.log_history, "recipe": recipe.to_dict()}
@@ -122,7 +125,7 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
             metrics["router_convergence"] = convergence
             if recipe.method == "moe" and recipe.stage == 2 and convergence["unconverged_layers"]:
                 logger.warning(_convergence_warning(convergence))
-        _save(trainer.model, tokenizer, recipe, out_dir, metrics)
+        _save(trainer.model, tokenizer, recipe, out_dir, metrics, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
     return out_dir
 
@@ -182,18 +185,24 @@ def _load_tokenizer(model_dir: str, auto_tokenizer):
     return tokenizer
 
 
-def _resume_point(recipe: Recipe, out_dir: Path, args) -> str | None:
+def _resume_point(recipe: Recipe, out_dir: Path) -> str | None:
     """The checkpoint to resume from, or None (see `moelpr.train.resume.resume_point`)."""
     from moelpr.train.resume import resume_point
 
     finished = (out_dir / "config.json").is_file() or (out_dir / METRICS_FILE).is_file()
     return resume_point(recipe.training_args, out_dir, out_dir / CHECKPOINTS, overwrite=recipe.overwrite,
-                        finished=finished, main_process=args.local_process_index == 0)
+                        finished=finished, main_process=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # torchrun
 
 
 def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
-    """`TrainingArguments` from the recipe, with the settings this trainer relies on."""
+    """`TrainingArguments` from the recipe, with the settings this trainer relies on.
+
+    Without an accelerator, `use_cpu` defaults to true: accelerate runs several processes on CPU only then;
+    otherwise each torchrun process trains alone (DDP), or DeepSpeed's batch check fails (its process group
+    has the real world size, accelerate counts one process).
+    """
     from transformers import TrainingArguments
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     kwargs: dict[str, Any] = dict(recipe.training_args)
     kwargs.pop("resume_from_checkpoint", None)  # passed to trainer.train()
@@ -201,13 +210,43 @@ def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
     kwargs["remove_unused_columns"] = False  # keep lang_mask / lang_group for the collator and the LPR loss
     kwargs.setdefault("ddp_find_unused_parameters", False)  # fused experts: every parameter is used
     kwargs.setdefault("report_to", "none")
-    if "use_cpu" not in kwargs and not _has_accelerator():
-        kwargs["use_cpu"] = True  # bf16 on CPU needs it (autocast, float32 master weights); no pinned memory
+    if not _has_accelerator():
+        if kwargs.get("use_cpu") is False and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("use_cpu: false but this machine has no GPU; several processes train together on CPU "
+                            "only with use_cpu: true (drop the setting)")
+        kwargs.setdefault("use_cpu", True)  # bf16 on CPU needs it (autocast, float32 master weights); DDP/DeepSpeed too
+    if kwargs.get("deepspeed"):
+        _require_deepspeed()
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"invalid training arguments: {first}") from None
+    if is_deepspeed_zero3_enabled():
+        _check_zero3(recipe)
+    return args
+
+
+def _check_zero3(recipe: Recipe) -> None:
+    """The final model is saved from ZeRO-3's gathered weights, which DeepSpeed gives only when asked to."""
+    from transformers.integrations import deepspeed_config
+
+    if recipe.method in ("lora", "llama_pro"):
+        raise UserError(f"method: {recipe.method} cannot save from DeepSpeed ZeRO-3 shards; use "
+                        "recipes/deepspeed/zero2.json (the baselines' parameters fit on every GPU)")
+    if not deepspeed_config()["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
+        raise UserError("DeepSpeed ZeRO-3 saves the final model from gathered weights; set "
+                        '"stage3_gather_16bit_weights_on_model_save": true under zero_optimization (as '
+                        "recipes/deepspeed/zero3.json)")
+
+
+def _require_deepspeed() -> None:
+    """DeepSpeed is the optional `deepspeed` extra: say how to install it when a recipe asks for it."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("the recipe sets deepspeed but DeepSpeed is not installed; "
+                        "pip install 'moelpr[deepspeed]' (or drop the deepspeed setting)")
 
 
 def _has_accelerator() -> bool:
@@ -240,8 +279,23 @@ def _last_logged(history: list[dict]) -> dict:
     return final
 
 
-def _save(model, tokenizer, recipe: Recipe, out_dir: Path, metrics: dict) -> None:
-    """Write the final model, tokenizer and metrics; keep the checkpoints; swap into `out_dir` atomically."""
+def _gathered_state_dict(trainer) -> dict | None:
+    """The full weights (on the main process) when the parameters are shards (DeepSpeed ZeRO-3, FSDP), else None.
+
+    Collective: every process must call it. ZeRO-3 needs `stage3_gather_16bit_weights_on_model_save: true`.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not (is_deepspeed_zero3_enabled() or trainer.is_fsdp_enabled):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def _save(model, tokenizer, recipe: Recipe, out_dir: Path, metrics: dict, *, state_dict: dict | None = None) -> None:
+    """Write the final model, tokenizer and metrics; keep the checkpoints; swap into `out_dir` atomically.
+
+    `state_dict`: the weights to write instead of the model's own (gathered from ZeRO-3 / FSDP shards).
+    """
     import moelpr
     from moelpr.utils.atomic import atomic_output_dir, atomic_write_json
 
@@ -249,7 +303,8 @@ def _save(model, tokenizer, recipe: Recipe, out_dir: Path, metrics: dict) -> Non
         if recipe.method in ("lora", "llama_pro"):
             _baselines().save_baseline(recipe.method, model, staging, tokenizer, overwrite=True)
         else:
-            moelpr.save_model(model, staging, format=recipe.save_format, tokenizer=tokenizer, overwrite=True)
+            moelpr.save_model(model, staging, format=recipe.save_format, tokenizer=tokenizer, overwrite=True,
+                              state_dict=state_dict)
         atomic_write_json(staging / METRICS_FILE, metrics)
         checkpoints = out_dir / CHECKPOINTS
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):
