@@ -1,0 +1,404 @@
+"""Measure the activation memory of our training step on scaled-down replicas, and a process's real peak.
+
+The plan's activations are measured on the real code path (`moelpr.upcycle`, `MoEBlock`, the chunked LM loss
+with `compute_logits=False`, HF activation checkpointing), not taken from a generic formula:
+
+- `LiveTensorBytes` is a `TorchDispatchMode` that sees every tensor an op returns (forward, backward,
+  checkpoint recomputation) and keeps the bytes of the storages alive now and their peak. A storage counts from
+  its first op output until it is freed (a `weakref.finalize` on the storage; PyTorch keeps one Python object
+  per storage). Parameters, existing gradients and the batch are excluded, so what it sees is activations and
+  transients.
+- `measure_step` splits that timeline into phases with module hooks (`StepProfile`).
+- `saved_tensor_bytes` counts what autograd saves for backward (unique storages, via
+  `torch.autograd.graph.saved_tensors_hooks`) per decoder layer, attention part and MoE part.
+- `calibrate` measures replicas of the target: hidden, intermediate, head and vocabulary sizes, sequence length
+  and LM-loss chunk divided by s (heads, experts, top-k, micro-batch kept; 4 layers: the first, two middle ones,
+  the last), at two scales s, and extrapolates each phase figure to s = 1 (`memory.extrapolate`). Keeping the
+  proportions keeps the op at which each backward peaks, so the maxima extrapolate like the sums.
+- `process_peak` runs a real training step in a fresh process and reads its peak RSS (the check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import weakref
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moelpr.analysis.memory import ActivationProfile, DenseShape, MoELayout, TrainingSetup, extrapolate
+
+Dispatch = Literal["grouped", "per_group"]
+REPLICA_LAYERS = 4
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode that are alive now, their peak and a phase peak."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self._known = {t.untyped_storage().data_ptr() for t in exclude}
+        self.live = 0
+        self.peak = 0
+        self.phase_peak = 0
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._known.discard(key)
+
+    def start_phase(self) -> int:
+        """Reset the phase peak to the bytes alive now and return them."""
+        self.phase_peak = self.live
+        return self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._known:
+                    self._known.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        self.phase_peak = max(self.phase_peak, self.live)
+        return out
+
+
+@dataclasses.dataclass
+class StepProfile:
+    """Phase figures of one measured forward+backward, in bytes.
+
+    layer_forward[l]: bytes layer l leaves alive after its forward. layer_backward[l]: the peak during layer l's
+    backward minus the bytes alive after the forward of layers 0..l (and minus the gradients of layers > l, when
+    measured fresh). before_layers: alive when layer 0 starts; after_layers: what the final norm and the loss
+    forward add; loss_backward: the peak of the loss backward above the end of the forward.
+    """
+
+    layer_forward: list[int]
+    layer_backward: list[int]
+    before_layers: int
+    after_layers: int
+    loss_backward: int
+    expert0_pairs: list[int]  # (token, expert) pairs routed to expert 0, per layer
+
+    def profile(self, fresh: bool) -> ActivationProfile:
+        fwd, bwd = self.layer_forward, self.layer_backward
+        return ActivationProfile(forward_first=fwd[0], forward_other=sum(fwd[1:]) / (len(fwd) - 1),
+                                 backward_first=bwd[0], backward_middle=sum(bwd[1:-1]) / max(len(bwd) - 2, 1),
+                                 backward_top=bwd[-1], before_layers=self.before_layers, after_layers=self.after_layers,
+                                 loss_backward=self.loss_backward, fresh=fresh)
+
+
+def _decoder_layers(model) -> Sequence[torch.nn.Module]:
+    return model.lm.get_decoder().layers
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def measure_step(model, batch: dict[str, torch.Tensor], *, checkpointing: bool = False,
+                 fresh: bool = True) -> StepProfile:
+    """Profile one training forward+backward of an upcycled model, as `MoETrainer` calls it.
+
+    `fresh=True`: no `.grad` exists at the start (the first micro-step after `zero_grad(set_to_none=True)`).
+    `fresh=False`: a warm-up backward first allocates every `.grad` (the later micro-steps of gradient
+    accumulation); new gradients are then transients added into the existing ones.
+    """
+    layers = _decoder_layers(model)
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    try:
+        if not fresh:
+            model(**batch, compute_logits=False).loss.backward()
+        return _profile(model, layers, batch, fresh)
+    finally:
+        if checkpointing:
+            model.activation_checkpointing_disable()
+
+
+def _profile(model, layers: Sequence[torch.nn.Module], batch: dict[str, torch.Tensor], fresh: bool) -> StepProfile:
+    exclude = [*model.parameters(), *model.buffers(), *batch.values(),
+               *(p.grad for p in model.parameters() if p.grad is not None)]
+    tracker = LiveTensorBytes(exclude)
+    marks: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    state = {"phase": "start", "backward": False}
+
+    def enter(phase: str) -> None:
+        peaks[state["phase"]] = tracker.phase_peak
+        state["phase"] = phase
+        marks[phase] = tracker.start_phase()
+
+    def forward_pre(index: int) -> Callable:
+        def hook(module, args):
+            if not state["backward"]:
+                enter(f"forward {index}")
+        return hook
+
+    def forward_post(index: int) -> Callable:
+        def on_grad(grad: torch.Tensor) -> None:
+            state["backward"] = True
+            enter(f"backward {index}")
+
+        def hook(module, args, output):
+            if state["backward"] or not torch.is_grad_enabled():
+                return
+            hidden = _first_tensor(output)
+            if hidden.requires_grad:
+                hidden.register_hook(on_grad)
+            enter(f"after {index}")
+        return hook
+
+    handles = [h for i, layer in enumerate(layers)
+               for h in (layer.register_forward_pre_hook(forward_pre(i)), layer.register_forward_hook(forward_post(i)))]
+    try:
+        with tracker:
+            enter("embed")
+            out = model(**batch, compute_logits=False, output_router_logits=True)
+            logits = [t.detach() for t in out.router_logits]
+            enter("loss backward")
+            out.loss.backward()
+            del out
+            enter("end")
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = len(layers)
+    cumulative = [marks[f"after {i}"] for i in range(n)]  # alive after the forward of layers 0..i
+    grads = [0 if not fresh else sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
+             for layer in layers]
+    expert0 = [int((layer.mlp.route(lg)[1] == 0).sum()) for layer, lg in zip(layers, logits)]
+    return StepProfile(layer_forward=[marks[f"after {i}"] - marks[f"forward {i}"] for i in range(n)],
+                       layer_backward=[peaks[f"backward {i}"] - cumulative[i] - sum(grads[i + 1:]) for i in range(n)],
+                       before_layers=marks["forward 0"], after_layers=marks["loss backward"] - cumulative[-1],
+                       loss_backward=peaks["loss backward"] - marks["loss backward"], expert0_pairs=expert0)
+
+
+def saved_tensor_bytes(model, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Unique storage bytes autograd saves for backward, by place: "layer{l}.attention", "layer{l}.moe", "outside".
+
+    Parameters are not counted (weights, not activations); a storage is charged to the place that saved it first.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    totals: dict[str, int] = {}
+    where = ["outside"]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            totals[where[-1]] = totals.get(where[-1], 0) + storage.nbytes()
+        return t
+
+    def push(name: str) -> Callable:
+        return lambda module, args: where.append(name)
+
+    def pop(module, args, output) -> None:
+        where.pop()
+
+    handles = []
+    for i, layer in enumerate(_decoder_layers(model)):
+        handles += [layer.register_forward_pre_hook(push(f"layer{i}.attention")), layer.register_forward_hook(pop),
+                    layer.mlp.register_forward_pre_hook(push(f"layer{i}.moe")), layer.mlp.register_forward_hook(pop)]
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**batch, compute_logits=False)
+        del out
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals
+
+
+# ---- replicas -------------------------------------------------------------------------------------------------
+
+def build_model(shape: DenseShape, layout: MoELayout, stage: int, *, dtype: torch.dtype, dispatch: Dispatch,
+                lm_loss_chunk: int, seed: int = 0):
+    """A random upcycled model of `shape` (nothing downloaded), trainable set and losses of `stage`."""
+    import moelpr
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(shape.model_type, hidden_size=shape.hidden_size,
+                                  intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
+                                  num_attention_heads=shape.num_attention_heads,
+                                  num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_size,
+                                  vocab_size=shape.vocab_size, tie_word_embeddings=shape.tie_word_embeddings,
+                                  max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    dense = AutoModelForCausalLM.from_config(config).to(dtype)
+    model = moelpr.upcycle(dense, num_experts=layout.num_experts, top_k=layout.top_k,
+                           aux_loss_coef=0.01 if stage == 1 else 0.0, lpr_loss_coef=0.0 if stage == 1 else 0.1)
+    model.config.lm_loss_chunk_size = lm_loss_chunk
+    moelpr.set_trainable(model, "stage1" if stage == 1 else "stage2")
+    for block in moelpr.moe_blocks(model):
+        for method in ("route", "_single_grouped_call"):
+            if not callable(getattr(type(block), method, None)):
+                raise RuntimeError(f"MoEBlock has no {method} any more; update moelpr.analysis.memory_calibration")
+        block.route = _balanced(block.route, layout.num_experts)
+        if dispatch == "grouped":
+            block._single_grouped_call = lambda x: True  # the path GPUs take, forced on CPU
+    return model
+
+
+def _balanced(route: Callable, num_experts: int) -> Callable:
+    """The block's routing with its expert choice replaced by a balanced one (token t takes experts t·k + j mod E):
+    every expert gets exactly its share of the pairs, as the balance loss aims for, so the measured memory does not
+    depend on a random model's routing. The router, softmax and top-k still run (and save what they save)."""
+    def balanced_route(logits: torch.Tensor, limit: torch.Tensor | None = None):
+        weights, experts = route(logits, limit)  # (N, k)
+        n, k = experts.shape
+        pairs = torch.arange(n * k, device=experts.device).view(n, k)  # (N, k)
+        return weights, (pairs % num_experts).to(experts.dtype)
+    return balanced_route
+
+
+def make_batch(micro_batch: int, seq_len: int, vocab: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A packed block batch as `moelpr.data` collates it; every other sequence is an old-language one."""
+    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    old = (torch.arange(micro_batch) % 2 == 0).long()[:, None].expand(micro_batch, seq_len).contiguous()  # (B, S)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "lang_mask": old,
+            "lang_group": 1 - old}
+
+
+def replica_scales(shape: DenseShape, setup: TrainingSetup, dispatch: Dispatch, smallest: int = 16) -> tuple[int, int]:
+    """Two scales s, 2s with exact replicas: s divides every width, the sequence and the loss chunk; the replica
+    keeps head size ≥ 2, sequence ≥ 8 and hidden ≥ `smallest`; the bf16 grouped matmul needs 16-byte rows."""
+    def valid(s: int) -> bool:
+        dims = (shape.hidden_size, shape.intermediate_size, shape.head_size, shape.vocab_size, setup.seq_len,
+                setup.lm_loss_chunk)
+        if any(d % s for d in dims) or shape.head_size // s < 2 or setup.seq_len // s < 8:
+            return False
+        if shape.hidden_size // s < smallest:
+            return False
+        if dispatch == "grouped" and setup.precision == "bf16":
+            return (shape.hidden_size // s) % 8 == 0 and (shape.intermediate_size // s) % 8 == 0
+        return True
+
+    candidates = [2 ** j for j in range(12) if valid(2 ** j) and valid(2 ** (j + 1))]
+    if not candidates:
+        raise ValueError(f"no pair of replica scales for {shape} with {setup}")
+    s = candidates[-1]
+    return s, 2 * s
+
+
+def measure_replica(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, s: int, *, dispatch: Dispatch,
+                    fresh: bool, layers: int = REPLICA_LAYERS) -> tuple[StepProfile, dict[str, int]]:
+    """StepProfile and saved-tensor bytes of the replica at scale `s` (s = 1: the target's widths)."""
+    small = shape.scaled(s, layers=layers)
+    model = build_model(small, layout, setup.stage, dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[setup.precision]),
+                        dispatch=dispatch, lm_loss_chunk=setup.lm_loss_chunk // s)
+    batch = make_batch(setup.micro_batch, setup.seq_len // s, small.vocab_size)
+    step = measure_step(model, batch, checkpointing=setup.checkpointing, fresh=fresh)
+    return step, saved_tensor_bytes(model, batch)
+
+
+@dataclasses.dataclass
+class Calibration:
+    """The extrapolated activation profile of a target, and what the replicas measured."""
+
+    profile: ActivationProfile
+    scales: tuple[int, int]
+    replicas: dict[int, StepProfile]
+    saved_attention: float  # saved for backward per middle layer, extrapolated to the target
+    saved_moe: float
+
+
+def calibrate(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, *, dispatch: Dispatch,
+              fresh: bool = True) -> Calibration:
+    """Measure two replicas of the target and extrapolate their phase figures to the target (see module docstring)."""
+    scales = replica_scales(shape, setup, dispatch)
+    replicas, saved = {}, {}
+    for s in scales:
+        replicas[s], saved[s] = measure_replica(shape, layout, setup, s, dispatch=dispatch, fresh=fresh)
+    profiles = {s: dataclasses.asdict(step.profile(fresh)) for s, step in replicas.items()}
+    fields = {name: extrapolate({s: p[name] for s, p in profiles.items()})
+              for name in profiles[scales[0]] if name != "fresh"}
+    middle = range(1, REPLICA_LAYERS - 1)
+
+    def saved_at(part: str) -> float:
+        return extrapolate({s: sum(saved[s].get(f"layer{i}.{part}", 0) for i in middle) / len(middle) for s in scales})
+
+    return Calibration(profile=ActivationProfile(**fields, fresh=fresh), scales=scales, replicas=replicas,
+                       saved_attention=saved_at("attention"), saved_moe=saved_at("moe"))
+
+
+# ---- the check: a real step's peak RSS in a fresh process ------------------------------------------------------
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _step_worker(spec: dict) -> dict:
+    """Build the model, run `steps` full training steps (forward, backward, fused AdamW, zero_grad) and report
+    the peak RSS above the RSS before the model was built (see `process_peak`)."""
+    shape, layout = DenseShape(**spec["shape"]), MoELayout(**spec["layout"])
+    setup = TrainingSetup(**spec["setup"])
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[setup.precision]
+    torch.set_num_threads(spec["threads"])
+
+    def run(model, batch, steps: int) -> None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        if setup.checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        for _ in range(steps):
+            model(**batch, compute_logits=False, output_router_logits=True).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    warm = shape.scaled(spec["warmup_scale"], layers=2)  # first-call kernels, threads and allocator arenas
+    run(build_model(warm, layout, setup.stage, dtype=dtype, dispatch=spec["dispatch"],
+                    lm_loss_chunk=setup.lm_loss_chunk // spec["warmup_scale"]),
+        make_batch(setup.micro_batch, setup.seq_len // spec["warmup_scale"], warm.vocab_size), 1)
+    baseline = _status_bytes("VmRSS")
+    model = build_model(shape, layout, setup.stage, dtype=dtype, dispatch=spec["dispatch"],
+                        lm_loss_chunk=setup.lm_loss_chunk)
+    batch = make_batch(setup.micro_batch, setup.seq_len, shape.vocab_size)
+    built = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS: the model build's transients do not count
+    run(model, batch, spec["steps"])
+    return {"peak": _status_bytes("VmHWM") - baseline, "built": built - baseline,
+            "weights": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def process_peak(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, *, dispatch: Dispatch = "per_group",
+                 steps: int = 2, threads: int = 1, warmup_scale: int = 8) -> dict:
+    """Peak RSS of real training steps (single process, CPU) in a fresh interpreter, above its RSS after imports
+    and a warm-up step on a small replica.
+
+    glibc is told to serve every allocation above 64 KiB with its own mmap and to trim freed heap, so freed tensors
+    leave the RSS at once and VmHWM is the peak of live memory; `ru_maxrss` cannot be used (it keeps the parent's
+    RSS across fork and exec). Two steps: the second runs with the AdamW state allocated.
+    """
+    spec = {"shape": dataclasses.asdict(shape), "layout": dataclasses.asdict(layout),
+            "setup": dataclasses.asdict(setup), "dispatch": dispatch, "steps": steps, "threads": threads,
+            "warmup_scale": warmup_scale}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads),
+               TRANSFORMERS_VERBOSITY="error")
+    done = subprocess.run([sys.executable, "-m", "moelpr.analysis.memory_calibration", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory check worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(_step_worker(json.loads(sys.argv[1]))))
