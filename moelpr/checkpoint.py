@@ -55,7 +55,7 @@ def is_delta_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / DELTA_META).is_file()
 
 
-def save_model(model, path: str | os.PathLike, *, format: str = "delta", tokenizer=None, overwrite: bool = False,
+def save_model(model, path: str | os.PathLike, *, format: str = "full", tokenizer=None, overwrite: bool = False,
                state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write `model` to `path` atomically in the `full` or `delta` format (see the module docstring).
 

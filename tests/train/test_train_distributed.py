@@ -35,7 +35,7 @@ def test_two_processes_agree(world, tmp_path):
     script.write_text(SCRIPT)
     args = overrides(model=str(dense), corpora=str(corpora), max_steps=2, per_device_train_batch_size=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path), str(TINY_RECIPES / "stage1.yaml"), "--output_dir", str(tmp_path / "ddp"), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
