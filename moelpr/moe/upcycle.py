@@ -128,8 +128,10 @@ def upcycle(model: nn.Module, num_experts: int | Sequence[int] = 4, top_k: int =
                           base_model_path=getattr(model, "name_or_path", None) or None,
                           base_fingerprint=base_fingerprint(model.state_dict()), expert_init=expert_init,
                           **settings)
-    convert_layers(model, config.expert_groups, top_k, expert_init=expert_init)
+    # Wrap first, convert second: the wrapper's post_init initialises every module it has not seen initialised,
+    # which would redraw the xavier-normal routers with the base model's normal(initializer_range).
     moe = MoELPRForCausalLM(config, lm=model)
+    convert_layers(model, config.expert_groups, top_k, expert_init=expert_init)
     set_trainable(moe, "stage1")
     return moe
 
@@ -157,8 +159,8 @@ def loramoe(model: nn.Module, *, num_experts: int = 8, rank: int = 180, alpha: f
         raise UserError(f"lora_alpha must be a positive number, got {alpha!r}")
     config = MoELPRConfig(text_config=model.config, loramoe={"experts": num_experts, "rank": rank, "alpha": alpha},
                           base_model_path=getattr(model, "name_or_path", None) or None)
+    moe = MoELPRForCausalLM(config, lm=model)  # before the surgery, as in `upcycle`
     add_loramoe(model, num_experts=num_experts, rank=rank, alpha=alpha)
-    moe = MoELPRForCausalLM(config, lm=model)
     set_trainable(moe, "loramoe")
     return moe
 

@@ -113,3 +113,11 @@ def test_random_expert_init_is_the_no_copy_ablation():
     assert kept.keys() == original.keys() and all(torch.equal(kept[n], original[n]) for n in kept)  # base untouched
     with pytest.raises(moelpr.UserError, match="expert_init"):
         moelpr.upcycle(tiny_model(), num_experts=3, expert_init="zeros")
+
+
+def test_routers_keep_their_xavier_normal_init():
+    """The wrapper's weight init must not redraw the routers with the base model's normal(initializer_range)."""
+    moe = moelpr.upcycle(tiny_model(), num_experts=4)
+    weights = torch.cat([b.routers[0].weight for b in moelpr.moe_blocks(moe)])  # (layers·E, H)
+    expected = (2 / (4 + weights.shape[1])) ** 0.5  # xavier-normal std of a (4, H) matrix
+    assert abs(weights.std().item() - expected) < 0.25 * expected
