@@ -275,11 +275,11 @@ def _meta_moe(lm: nn.Module, num_experts: int | Sequence[int], top_k: int, layer
     check_top_k(top_k, counts)
     config = MoELPRConfig(text_config=lm.config, experts_per_layer=counts, num_experts_per_tok=top_k,
                           base_model_path=base_model_path, expert_init="copy")
+    moe = MoELPRForCausalLM(config, lm=lm)  # wrapped before the surgery, as in `upcycle`
     convert_layers(lm, config.expert_groups, top_k)  # on meta: no memory, no random draws
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
         torch.manual_seed(seed)
         _draw_routers(lm)
-        moe = MoELPRForCausalLM(config, lm=lm)  # its weight init draws over the routers, as in `upcycle`
     set_trainable(moe, "stage1")
     return moe
 
