@@ -28,7 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moelpr
-from moelpr.moe.capture import capture_router_logits, moe_blocks
+from moelpr.model.capture import capture_router_logits, moe_blocks
 
 
 def build(args, device, dtype):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelpr.moe.layer import MoEBlock, StackedExperts, new_router
+from moelpr.model.layer import MoEBlock, StackedExperts, new_router
 
 
 class GatedMLP(nn.Module):

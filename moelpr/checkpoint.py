@@ -1,11 +1,14 @@
 """Saving and loading MoE-LPR models, safetensors only.
 
-Two formats:
+Two formats, both with the model definition (`moelpr/model/*.py`) beside config.json and its `auto_map`:
 - full: `save_pretrained` of the whole `MoELPRForCausalLM` (config.json with `model_type: moelpr` and the
-  base config embedded, plus safetensors weights); loads with `AutoModelForCausalLM.from_pretrained`.
+  base config embedded, plus safetensors weights). Loads with `AutoModelForCausalLM.from_pretrained(DIR,
+  trust_remote_code=True)` where moelpr is not installed, and without `trust_remote_code` after `import moelpr`.
 - delta (small): config.json, `delta.safetensors` with only the MoE parameters (new experts, routers,
   classifiers) and `moelpr_delta.json` naming the dense base and a fingerprint of its weights. Loading
-  rebuilds the model on that base and refuses a base whose fingerprint differs.
+  rebuilds the model on that base and refuses a base whose fingerprint differs; it needs moelpr (the
+  shipped code says so instead of guessing where the base is).
+Directories written before the code travelled with them (no `*.py`, no `auto_map`) load after `import moelpr`.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moelpr.errors import UserError
+from moelpr.model import DELTA_META, MoELPRConfig, MoELPRForCausalLM, register
+from moelpr.model.modeling_moelpr import convert_from_config
 from moelpr.utils.atomic import atomic_output_dir
 
-DELTA_META = "moelpr_delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
 _MOE_PARAM_MARKERS = (".mlp.experts.", ".mlp.routers.", ".mlp.classifier.")
 
@@ -67,6 +71,9 @@ def save_model(model, path: str | os.PathLike, *, format: str = "delta", tokeniz
             if changed:
                 raise UserError(f"parameters outside the MoE layers are trainable (e.g. {changed[0]}); "
                                 "the delta format would lose them, save with format='full'")
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(model, tmp, config=model.config)  # the code, so a moelpr-less load says what it needs
             model.config.save_pretrained(tmp)
             tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if is_moe_param(n)}
             save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": "pt"})
@@ -99,8 +106,6 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
         device: move the model there after loading.
     """
     from transformers import AutoModelForCausalLM
-
-    from moelpr.modeling import MoELPRConfig, MoELPRForCausalLM, convert_from_config, register
 
     register()
     path = Path(path)
@@ -135,3 +140,6 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
             for name, tensor in delta.items():
                 params[name].copy_(tensor)
     return model.to(device) if device is not None else model
+
+
+MoELPRForCausalLM.delta_loader = staticmethod(load_model)  # AutoModelForCausalLM.from_pretrained(delta dir) works too

@@ -22,7 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "report": ("report", "render results files as a Markdown table and PNG figures"),
     "similarity": ("similarity", "per-layer cross-lingual similarity of MLP inputs (LayerMoE)"),
     "allocate": ("allocate", "per-layer expert counts from similarities (LayerMoE)"),
-    "export": ("export", "write a standalone, Mixtral or Qwen-MoE checkpoint"),
+    "export": ("export", "write a portable full, Mixtral or Qwen-MoE checkpoint"),
     "generate": ("generate", "generate text from a prompt"),
     "demo": ("demo", "the miniature end-to-end reproduction on CPU"),
 }

@@ -1,9 +1,9 @@
-"""The one exception type for bad user input.
+"""The one exception type for bad user input (defined with the model, which raises it too).
 
 `UserError` is a `ValueError`, so Python callers can catch it as such; the CLI catches it, prints its
 single line and exits with status 2 (no traceback).
 """
 
+from moelpr.model.errors import UserError
 
-class UserError(ValueError):
-    """Bad input from the user: the message says what is wrong and how to fix it, on one line."""
+__all__ = ["UserError"]

@@ -91,3 +91,20 @@ def test_output_directory_not_half_written_on_error(tmp_path):
     with pytest.raises(UserError, match="delta format needs"):
         moelpr.save_model(moe, tmp_path / "out", format="delta")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_directories_written_before_the_code_travelled_still_load(tmp_path):
+    """The previous release wrote full checkpoints without the model's modules and without `auto_map`."""
+    moe = trained_like(moelpr.upcycle(tiny_model(), num_experts=3))
+    moelpr.add_classifiers(moe, [1], num_classes=2)
+    moelpr.save_model(moe, tmp_path / "old", format="full")
+    for module in (tmp_path / "old").glob("*.py"):  # the old layout: weights and config only
+        module.unlink()
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["auto_map"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    ids = tiny_ids()
+    for loaded in (moelpr.load_model(tmp_path / "old"), AutoModelForCausalLM.from_pretrained(tmp_path / "old")):
+        assert type(loaded) is moelpr.MoELPRForCausalLM
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(ids).logits, moe.eval()(ids).logits)

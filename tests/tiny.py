@@ -1,4 +1,5 @@
-"""Tiny random models of every supported architecture, built from configs (nothing is downloaded)."""
+"""Tiny random models of every supported architecture, built from configs (nothing is downloaded), tiny
+trained-like MoE-LPR models and a word tokenizer."""
 
 from __future__ import annotations
 
@@ -30,3 +31,30 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
 
 def tiny_ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def word_tokenizer():
+    """Word-level fast tokenizer with ids < VOCAB: `<pad>` 0, `<unk>` 1, `<s>` 2, `</s>` 3, then w4 … w127."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    vocab.update({f"w{i}": i for i in range(4, VOCAB)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def trained_moe(arch: str = "llama", num_experts=4, top_k: int = 2, seed: int = 0, **overrides):
+    """An upcycled tiny model whose new experts and routers are perturbed (as training would), in eval mode."""
+    import moelpr
+
+    moe = moelpr.upcycle(tiny_model(arch, seed=seed, **overrides), num_experts=num_experts, top_k=top_k)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in moe.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return moe.eval()

@@ -4,7 +4,8 @@
     moe-lpr benchmark --model runs/stage2 --tasks belebele_hun_Latn arc_hu --limit 50 --output smoke.json
     moe-lpr benchmark --model runs/stage2 --tasks my_task --include-path my_tasks/ --output mine.json
 
-Uses the lm-eval model `moelpr` (moelpr/evaluate/harness.py); needs `pip install 'moelpr[eval]'`.
+A thin wrapper over stock `lm_eval run --model hf --model_args pretrained=DIR,trust_remote_code=True` with the
+papers' suites included (moelpr/evaluate/harness.py); needs `pip install 'moelpr[eval]'`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _limit(text: str) -> int | float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moelpr.evaluate.harness import SUITES
 
-    parser.add_argument("--model", required=True, help="model directory (dense, MoE-LPR full or delta checkpoint)")
+    parser.add_argument("--model", required=True, help="model directory (dense, or a full MoE-LPR checkpoint)")
     parser.add_argument("--suite", action="append", default=[], choices=list(SUITES),
                         help="benchmark suite (repeatable): the papers' ARC/HellaSwag/MMLU/Belebele groups")
     parser.add_argument("--tasks", nargs="+", default=[], help="further lm-eval task or group names")
@@ -38,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    parser.add_argument("--base-model", default=None, help="dense base of a delta checkpoint whose base moved")
     parser.add_argument("--log-samples", action="store_true", help="also store every request and response")
     parser.add_argument("--output", required=True, help="results JSON file to write")
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if str(args.batch_size).startswith("auto") else _positive_int(args.batch_size)
     record = run_benchmark(args.model, tasks, include_paths=args.include_path, limit=args.limit,
                            num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device, dtype=args.dtype,
-                           base_model=args.base_model, log_samples=args.log_samples)
+                           log_samples=args.log_samples)
     record["suite"] = args.suite
     atomic_write_json(args.output, record)
     avg = record["summary"]["avg"]

@@ -1,4 +1,4 @@
-"""`moe-lpr export`: MoE-LPR model directory → standalone (remote code), Mixtral or Qwen-MoE checkpoint."""
+"""`moe-lpr export`: MoE-LPR model directory → portable full checkpoint (remote code), Mixtral or Qwen-MoE checkpoint."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="MoE-LPR model directory (full or delta)")
     parser.add_argument("--format", default="hf",
-                        help="hf (weights + self-contained remote code, any base), mixtral (Llama/Mistral bases), "
+                        help="hf (the full checkpoint with its model code, e.g. from a delta one; any base), mixtral (Llama/Mistral bases), "
                              "qwen3_moe (Qwen3 bases) or qwen2_moe (Qwen2 bases); default hf")
     parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

@@ -240,7 +240,7 @@ def _layermoe_allocation(out: Path, sizes: DemoSizes) -> Path:
 def _expert_budget(model_dir: Path) -> dict[str, Any]:
     """Experts per layer of a saved MoE model and its new experts' count and parameters (every group)."""
     import moelpr
-    from moelpr.moe.capture import moe_blocks
+    from moelpr.model.capture import moe_blocks
 
     model = moelpr.load_model(model_dir)
     blocks = moe_blocks(model)

@@ -2,7 +2,8 @@
 
 - `evaluate_corpora` (perplexity.py): held-out perplexity, bits per byte and routing per language.
 - `routing_sums` / `RoutingSums` (routing.py): routing statistics from router logits.
-- `moelpr.evaluate.harness`: the lm-eval model `moelpr` and the paper's task suites (needs `moelpr[eval]`).
+- `moelpr.evaluate.harness`: `run_benchmark` (stock lm-eval `hf` with remote code) and the papers' task suites
+  (needs `moelpr[eval]`).
 - `render_report` (report.py): Markdown table and PNG figures from results files.
 """
 

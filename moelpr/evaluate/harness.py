@@ -1,16 +1,19 @@
-"""lm-evaluation-harness integration: the lm-eval model `moelpr` and the papers' benchmark suites.
+"""lm-evaluation-harness integration: `moe-lpr benchmark` and the papers' benchmark suites.
 
-The model `moelpr` is lm-eval's `HFLM` on a model loaded with `moelpr.load_model` (dense, MoE-LPR full or
-delta checkpoint), with one fix: rolling loglikelihood (perplexity tasks) tokenises without special tokens,
-so a tokenizer that adds BOS by itself does not get BOS→BOS scored (ecosystem.md §5, pitfall 1). Its
-perplexity then equals `moe-lpr eval`'s on the same text.
+Every full checkpoint moelpr writes carries its model code (`moelpr.model`), so lm-eval's stock `hf` model
+loads it with `trust_remote_code=True`, exactly as the papers evaluate with stock lm-eval:
 
-lm-eval 0.4.13 finds models only in its own registry (no entry points), so the stock `lm_eval` command
-cannot see `moelpr`. Three ways to run it:
+    lm_eval run --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks moelpr_paper \
+        --include_path $(python -c "import moelpr.evaluate.harness as h; print(h.TASKS_DIR)")
+    moe-lpr benchmark --model DIR --suite moelpr-paper --output results.json   # the same run, plus a summary
 
-    moe-lpr benchmark --model DIR --suite moelpr-paper --output results.json      # supported path
-    python -m moelpr.evaluate.harness run --model moelpr --model_args pretrained=DIR --tasks moelpr_paper
-    lm_eval run --model hf --model_args pretrained=EXPORTED_DIR,trust_remote_code=True --tasks ...  # exports
+`run_benchmark` is a thin wrapper over that command: `simple_evaluate(model="hf", model_args="pretrained=DIR,
+trust_remote_code=True,...")`, which is what lm-eval's CLI calls, with our suites' directory included. A delta
+checkpoint needs moelpr to find its base: write a full one first (`moe-lpr export --format hf`).
+
+Perplexity tasks: lm-eval's rolling loglikelihood prepends BOS itself, so with a tokenizer that also adds BOS it
+scores BOS→BOS once per document (lm-eval #3333 family), for dense and MoE models alike; `moe-lpr eval` scores
+documents without that duplicate. The papers' suites are multiple-choice tasks, which this does not affect.
 
 The suites (YAML groups in `moelpr/evaluate/tasks/`, see `PAPER_BENCHMARKS`) follow method.md §1.4/§2.9:
 ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU 5-shot and Belebele 5-shot for en/zh/es (old) and
@@ -25,12 +28,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from moelpr.errors import UserError
+from moelpr.evaluate import resolve_device
+from moelpr.model import DELTA_META
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 OLD_LANGUAGES = ("en", "zh", "es")
@@ -75,83 +79,6 @@ def require_lm_eval():
     except ImportError:
         raise UserError(_INSTALL_HINT) from None
     return lm_eval
-
-
-_MODEL_CLASS: type | None = None
-
-
-def model_class() -> type:
-    """The lm-eval model class `MoELPRLM`, registered as `moelpr` on first call."""
-    global _MODEL_CLASS
-    if _MODEL_CLASS is not None:
-        return _MODEL_CLASS
-    require_lm_eval()
-    from lm_eval.api.registry import model_registry, register_model
-    from lm_eval.models.huggingface import HFLM
-
-    class MoELPRLM(HFLM):
-        """lm-eval's HFLM on `moelpr.load_model`, scoring rolling loglikelihood without a duplicated BOS.
-
-        Model args: `pretrained` (a model directory or an already loaded model), `tokenizer`, `dtype`
-        (auto|float32|bfloat16|float16), `device`, `base_model` (for a delta checkpoint whose base moved),
-        and HFLM's `batch_size`, `max_length`, ...
-        """
-
-        _rolling = False
-
-        def __init__(self, pretrained, tokenizer=None, dtype: str | None = "auto", device: str | None = None,
-                     base_model: str | None = None, **kwargs):
-            import torch
-
-            from moelpr.evaluate import load_model_and_tokenizer
-
-            self._model_path = None
-            if device and device.startswith("cuda") and not torch.cuda.is_available():
-                device = None  # lm-eval's CLI defaults to cuda:0; fall back to the CPU as its HFLM does
-            if isinstance(pretrained, (str, os.PathLike)):
-                self._model_path = str(pretrained)
-                pretrained, loaded_tokenizer = load_model_and_tokenizer(pretrained, dtype=dtype, device=device,
-                                                                        base_model=base_model)
-                tokenizer = tokenizer or loaded_tokenizer
-            kwargs.pop("trust_remote_code", None)  # our classes are registered in-process
-            kwargs.setdefault("backend", "causal")
-            super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            self._rolling = True
-            try:
-                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-            finally:
-                self._rolling = False
-
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                       **kwargs) -> list[int]:
-            # Rolling windows prepend `prefix_token_id` (BOS) themselves; a BOS from the tokenizer would be
-            # scored as the first token (lm-eval #3333 family). Contexts of other request types keep BOS.
-            if self._rolling:
-                add_special_tokens = False
-            return super().tok_encode(string, add_special_tokens=add_special_tokens,
-                                      left_truncate_len=left_truncate_len, **kwargs)
-
-        def get_model_info(self) -> dict:
-            # HFLM's asks the Hub for a revision hash; a local directory has none (and we may be offline).
-            return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
-                    "model_dtype": str(getattr(self._model, "dtype", "")), "model_path": self._model_path}
-
-    MoELPRLM.__module__ = __name__
-    existing = model_registry.get("moelpr", None)
-    if existing is None:
-        register_model("moelpr")(MoELPRLM)
-    else:  # a re-imported module: keep the class lm-eval already knows
-        MoELPRLM = existing
-    _MODEL_CLASS = MoELPRLM
-    return MoELPRLM
-
-
-def __getattr__(name: str):
-    if name == "MoELPRLM":
-        return model_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def suite_tasks(suites: Sequence[str] = (), tasks: Sequence[str] = ()) -> list[str]:
@@ -209,12 +136,11 @@ def run_benchmark(
     batch_size: int | str = 8,
     device: str | None = None,
     dtype: str = "auto",
-    base_model: str | None = None,
     include_defaults: bool = True,
     log_samples: bool = False,
     bootstrap_iters: int = 100000,
 ) -> dict:
-    """Run lm-eval `tasks` (task or group names) on the model in `model_dir` with the `moelpr` model.
+    """Run lm-eval `tasks` (task or group names) on the model in `model_dir` with lm-eval's stock `hf` model.
 
     Args:
         include_paths: extra task directories (our suites' directory is always included).
@@ -222,6 +148,7 @@ def run_benchmark(
         num_fewshot: override every task's shots (the suites set the papers' shots themselves).
         include_defaults: index lm-eval's built-in tasks (False only for self-contained local tasks).
         bootstrap_iters: resamples for lm-eval's standard errors (0: none).
+        device / dtype / batch_size: lm-eval's `hf` model arguments (device default: cuda when available).
 
     Returns:
         JSON-ready: `model`, `tasks`, lm-eval's `results`, `groups`, `n-shot`, `versions`, `config`, and
@@ -234,6 +161,9 @@ def run_benchmark(
 
     if not Path(model_dir).is_dir():
         raise UserError(f"model directory {model_dir} does not exist; pass --model DIR written by save_pretrained")
+    if (Path(model_dir) / DELTA_META).is_file():
+        raise UserError(f"{model_dir} is a delta checkpoint, which stock lm-eval cannot load (it needs moelpr to find "
+                        "its base); write a full one with `moe-lpr export --model DIR --format hf --output FULL`")
     for path in include_paths:
         if not Path(path).is_dir():
             raise UserError(f"--include-path {path} is not a directory of task YAML files")
@@ -242,9 +172,9 @@ def run_benchmark(
     if unknown:
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}; list them with `lm_eval ls tasks` "
                         "or add their YAML directory with --include-path")
-    lm = model_class()(pretrained=str(model_dir), dtype=dtype, device=device, base_model=base_model,
-                       batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+    model_args = {"pretrained": str(Path(model_dir).resolve()), "trust_remote_code": True, "dtype": dtype}
+    out = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), task_manager=manager, limit=limit,
+                          num_fewshot=num_fewshot, batch_size=batch_size, device=resolve_device(device),
                           log_samples=log_samples, bootstrap_iters=bootstrap_iters)
     record = {
         "model": str(model_dir),
@@ -256,25 +186,3 @@ def run_benchmark(
         "summary": summarize(out["results"]),
     }
     return json.loads(json.dumps(record, default=handle_non_serializable))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m moelpr.evaluate.harness ...`: lm-eval's own CLI with `--model moelpr` available.
-
-    Our suites' directory is passed as `--include_path` unless the command line gives one.
-    """
-    try:
-        model_class()
-    except UserError as err:
-        sys.exit(f"error: {err}")
-    from lm_eval.__main__ import cli_evaluate
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and not {"-h", "--help"} & set(args) and not any(a.split("=")[0] == "--include_path" for a in args):
-        args += ["--include_path", str(TASKS_DIR)]
-    sys.argv = ["lm-eval", *args]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,9 @@
 """Export an MoE-LPR model for use without moelpr, and generate text.
 
 `export_model(model, output, format=...)`:
-- `hf`: our full checkpoint plus self-contained remote code (`trust_remote_code=True`), any supported base;
+- `hf`: the full checkpoint, which carries the model definition (`trust_remote_code=True` loads it without
+  moelpr): the same as `save_model(model, output, format="full")` plus the tokenizer and generation config;
+  what turns a delta checkpoint into one stock tools load;
 - `mixtral` / `qwen3_moe` / `qwen2_moe`: a stock transformers MoE checkpoint, written only when the
   conversion is exact (see `moelpr.export.native`).
 """
@@ -33,9 +35,9 @@ def export_model(model, output: str | os.PathLike, *, format: str = "hf", overwr
         UserError: unknown format, a model that is not MoE-LPR, or a conversion that would not be exact
             (the message lists every reason).
     """
-    from moelpr.export import hf, native
+    from moelpr.export import native
     from moelpr.export.files import copy_aux_files
-    from moelpr.modeling import MoELPRForCausalLM
+    from moelpr.model import MoELPRForCausalLM
     from moelpr.utils.atomic import atomic_output_dir
 
     if format not in FORMATS:
@@ -46,7 +48,7 @@ def export_model(model, output: str | os.PathLike, *, format: str = "hf", overwr
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"output {out} exists and is not an empty directory; pass --overwrite or choose another")
-    reasons = hf.unsupported_reasons(model) if format == "hf" else native.unsupported_reasons(model, format)
+    reasons = [] if format == "hf" else native.unsupported_reasons(model, format)
     if reasons:
         raise UserError(f"cannot export to {format}: " + "; ".join(reasons))
     target = None
@@ -59,9 +61,6 @@ def export_model(model, output: str | os.PathLike, *, format: str = "hf", overwr
                 raise UserError(f"cannot export to {format}: the converted model's logits differ from ours by {diff:.3g} "
                                 "(please report this); nothing was written")
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
-        if target is None:
-            hf.write_hf(model, tmp)
-        else:
-            target.save_pretrained(tmp)
+        (model if target is None else target).save_pretrained(tmp)
         copy_aux_files(Path(source_dir) if source_dir else None, tmp)
     return Path(output)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moelpr.moe.arch import decoder_layers, gate_up_down
-from moelpr.moe.layer import MoEBlock
+from moelpr.model.arch import decoder_layers, gate_up_down
+from moelpr.model.layer import MoEBlock
 
 # fields copied verbatim from the base config when present (rope, eps, sliding window, tying, special ids)
 COMMON_FIELDS = (

@@ -3,6 +3,7 @@
 stage1: the new experts and the routers (method.md §1.1); with `groups`, only those expansion groups'
         experts and router rows (lifelong expansion freezes everything trained before).
 stage2: the routers and the LayerMoE classifiers only.
+loramoe: the LoRA experts and their routers of the LoRAMoE baseline.
 all:    every parameter (the "MoE" baseline); none: nothing.
 Everything else gets `requires_grad=False`.
 """
@@ -14,9 +15,10 @@ from typing import Iterable, Literal
 
 from torch import nn
 
-from moelpr.moe.capture import moe_blocks
+from moelpr.model.capture import moe_blocks
 
-Stage = Literal["stage1", "stage2", "all", "none"]
+Stage = Literal["stage1", "stage2", "loramoe", "all", "none"]
+_LORAMOE = re.compile(r"\.(lora_A|lora_B|lora_router\.weight)$")
 
 
 def _trainable(name: str, stage: Stage, groups: set[int] | None) -> bool:
@@ -24,6 +26,8 @@ def _trainable(name: str, stage: Stage, groups: set[int] | None) -> bool:
         return True
     if stage == "stage2":
         return ".routers." in name or ".classifier." in name
+    if stage == "loramoe":
+        return _LORAMOE.search(name) is not None
     if stage == "stage1":
         found = re.search(r"\.mlp\.(experts|routers)\.(\d+)\.", name)
         return found is not None and (groups is None or int(found.group(2)) in groups)
@@ -32,8 +36,8 @@ def _trainable(name: str, stage: Stage, groups: set[int] | None) -> bool:
 
 def set_trainable(model: nn.Module, stage: Stage, groups: Iterable[int] | None = None) -> None:
     """Set `requires_grad` on every parameter for `stage` (see the module docstring)."""
-    if stage not in ("stage1", "stage2", "all", "none"):
-        raise ValueError(f"unknown stage {stage!r}; expected stage1, stage2, all or none")
+    if stage not in ("stage1", "stage2", "loramoe", "all", "none"):
+        raise ValueError(f"unknown stage {stage!r}; expected stage1, stage2, loramoe, all or none")
     chosen = None if groups is None else set(groups)
     for name, param in model.named_parameters():
         param.requires_grad_(_trainable(name, stage, chosen))

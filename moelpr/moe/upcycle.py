@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from moelpr.errors import UserError
-from moelpr.moe.arch import check_supported, decoder_layers
-from moelpr.moe.layer import MoEBlock, StackedExperts, new_router
+from moelpr.model.arch import check_supported, decoder_layers
+from moelpr.model.capture import moe_blocks
+from moelpr.model.classifier import expert_limits
+from moelpr.model.convert import attach_classifiers, convert_layers
+from moelpr.model.errors import UserError
+from moelpr.model.layer import MoEBlock, StackedExperts, new_router
 
 
 def experts_per_layer_from(num_experts: int | Sequence[int], num_layers: int,
@@ -45,32 +47,6 @@ def check_top_k(top_k: int, experts_per_layer: Sequence[int]) -> None:
     most = max(experts_per_layer)
     if not isinstance(top_k, int) or top_k < 1 or top_k > most:
         raise UserError(f"top_k must be between 1 and the number of experts ({most}), got {top_k}")
-
-
-def convert_layers(lm: nn.Module, expert_groups: Sequence[Sequence[int]], top_k: int,
-                   classifier_layers: Sequence[int] = (), classifier_groups: int = 2,
-                   classifier_pooling: str = "sequence") -> None:
-    """Replace `layer.mlp` by an `MoEBlock` wherever a layer gets new experts.
-
-    Args:
-        lm: a stock HF causal LM (modified in place).
-        expert_groups: `expert_groups[g][l]` = new experts of expansion group g in layer l.
-        top_k: experts per token (capped at each layer's expert count, as LayerMoE does).
-        classifier_layers / classifier_groups / classifier_pooling: LayerMoE classifiers to attach.
-    """
-    check_supported(lm)
-    for idx, layer in enumerate(decoder_layers(lm)):
-        new_counts = [group[idx] for group in expert_groups]
-        if sum(new_counts) == 0:
-            continue
-        mlp = layer.mlp
-        hidden = mlp.down_proj.weight.shape[0]
-        like = mlp.down_proj.weight
-        experts = [StackedExperts.copies_of(mlp, n) for n in new_counts]
-        routers = [new_router(hidden, n + (1 if g == 0 else 0), like=like) for g, n in enumerate(new_counts)]
-        layer.mlp = MoEBlock(original=mlp, experts=experts, routers=routers, top_k=top_k)
-    if classifier_layers:
-        attach_classifiers(lm, classifier_layers, classifier_groups, classifier_pooling)
 
 
 def add_expert_group(lm: nn.Module, new_experts_per_layer: Sequence[int]) -> None:
@@ -109,9 +85,6 @@ def expand(model, new_experts_per_layer: Sequence[int]) -> int:
     Returns:
         The new group's index in `config.expert_groups` (its corpora have `group:` index + 1).
     """
-    from moelpr.moe.capture import moe_blocks
-    from moelpr.moe.classifier import expert_limits
-
     config = model.config
     counts = list(new_experts_per_layer)
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in counts) or sum(counts) == 0:
@@ -121,13 +94,13 @@ def expand(model, new_experts_per_layer: Sequence[int]) -> int:
     config.experts_per_layer = [n + new for n, new in zip(config.experts_per_layer, counts)]
     for block in moe_blocks(model):  # the last class of an existing classifier may now use the new experts
         if block.classifier is not None:
-            limits = expert_limits([group.num_experts for group in block.experts], len(block.classifier.limits))
-            block.classifier.limits = torch.tensor(limits, device=block.classifier.limits.device)
+            block.classifier.limits = expert_limits([group.num_experts for group in block.experts],
+                                                    len(block.classifier.limits))
     return len(config.expert_groups) - 1
 
 
 def upcycle(model: nn.Module, num_experts: int | Sequence[int] = 4, top_k: int = 2,
-            layers: Sequence[int] | None = None, **settings):
+            layers: Sequence[int] | None = None, expert_init: str = "copy", **settings):
     """Turn a loaded dense `AutoModelForCausalLM` into an MoE-LPR model (`MoELPRForCausalLM`).
 
     Args:
@@ -135,14 +108,15 @@ def upcycle(model: nn.Module, num_experts: int | Sequence[int] = 4, top_k: int =
         num_experts: experts per MoE layer counting the original one, or one count per layer (1 = dense).
         top_k: experts per token.
         layers: which layers to upcycle (default: all); only with a single `num_experts`.
+        expert_init: "copy" (new experts = copies of the original FFN, the paper's Expert-Copy) or "random"
+            (freshly initialised: the "w/o Expert-Copy" ablation; the model then no longer equals the dense one).
         **settings: further `MoELPRConfig` fields (loss coefficients and forms, ...).
 
     Returns:
         The MoE-LPR model, with the stage-1 trainable set (new experts + routers; the rest frozen).
     """
     from moelpr.checkpoint import base_fingerprint
-    from moelpr.modeling import MoELPRConfig, MoELPRForCausalLM
-    from moelpr.moe.capture import moe_blocks
+    from moelpr.model import MoELPRConfig, MoELPRForCausalLM
     from moelpr.moe.freeze import set_trainable
 
     if isinstance(model, MoELPRForCausalLM) or moe_blocks(model):
@@ -152,23 +126,41 @@ def upcycle(model: nn.Module, num_experts: int | Sequence[int] = 4, top_k: int =
     check_top_k(top_k, counts)
     config = MoELPRConfig(text_config=model.config, experts_per_layer=counts, num_experts_per_tok=top_k,
                           base_model_path=getattr(model, "name_or_path", None) or None,
-                          base_fingerprint=base_fingerprint(model.state_dict()), **settings)
-    convert_layers(model, config.expert_groups, top_k)
+                          base_fingerprint=base_fingerprint(model.state_dict()), expert_init=expert_init,
+                          **settings)
+    convert_layers(model, config.expert_groups, top_k, expert_init=expert_init)
     moe = MoELPRForCausalLM(config, lm=model)
     set_trainable(moe, "stage1")
     return moe
 
 
-def attach_classifiers(lm: nn.Module, layers: Sequence[int], num_classes: int, pooling: str) -> None:
-    """Put a LayerMoE language-group classifier in front of the router of each listed layer (in place)."""
-    from moelpr.moe.classifier import LanguageClassifier, expert_limits
+def loramoe(model: nn.Module, *, num_experts: int = 8, rank: int = 180, alpha: float = 360.0):
+    """The LoRAMoE baseline (method.md §1.3): LoRA experts with a router on every MLP linear of a dense LM.
 
-    blocks = decoder_layers(lm)
-    for idx in layers:
-        block = blocks[idx].mlp
-        like = block.routers[0].weight
-        limits = expert_limits([group.num_experts for group in block.experts], num_classes)
-        block.classifier = LanguageClassifier(hidden_size=like.shape[1], expert_limits=limits, pooling=pooling, like=like)
+    Args:
+        model: the dense causal LM; its MLP linears are wrapped in place and it becomes `result.lm`.
+        num_experts / rank / alpha: LoRA experts per linear, their rank and scaling numerator (paper: 8, 180).
+
+    Returns:
+        A `MoELPRForCausalLM` whose LoRA experts and routers are trainable (everything else frozen).
+    """
+    from moelpr.model import MoELPRConfig, MoELPRForCausalLM
+    from moelpr.model.loramoe import add_loramoe
+    from moelpr.moe.freeze import set_trainable
+
+    if isinstance(model, MoELPRForCausalLM) or moe_blocks(model):
+        raise UserError(f"{type(model).__name__} is upcycled; LoRAMoE is a baseline on the dense model")
+    for key, value in (("loramoe_experts", num_experts), ("lora_rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{key} must be a positive integer, got {value!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise UserError(f"lora_alpha must be a positive number, got {alpha!r}")
+    config = MoELPRConfig(text_config=model.config, loramoe={"experts": num_experts, "rank": rank, "alpha": alpha},
+                          base_model_path=getattr(model, "name_or_path", None) or None)
+    add_loramoe(model, num_experts=num_experts, rank=rank, alpha=alpha)
+    moe = MoELPRForCausalLM(config, lm=model)
+    set_trainable(moe, "loramoe")
+    return moe
 
 
 def add_classifiers(model, layers: Sequence[int], num_classes: int = 2, pooling: str = "sequence") -> None:

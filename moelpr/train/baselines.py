@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from moelpr.errors import UserError
-from moelpr.moe.arch import decoder_layers
-from moelpr.moe.capture import moe_blocks
+from moelpr.model.arch import decoder_layers
+from moelpr.model.capture import moe_blocks
 from moelpr.moe.freeze import parameter_summary
 from moelpr.utils.atomic import atomic_output_dir
 

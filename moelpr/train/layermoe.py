@@ -70,7 +70,7 @@ def classifier_layers_from_similarity(path: str | os.PathLike, config, k: int) -
 def setup_classifiers(model, recipe: Recipe, corpora: list) -> None:
     """Add (or rebuild) the stage-2 classifiers the recipe asks for, or that an earlier step left with too few classes."""
     import moelpr
-    from moelpr.moe.capture import moe_blocks
+    from moelpr.model.capture import moe_blocks
 
     cfg = model.config
     groups = recipe.classifier_groups or max(2, max(c.group for c in corpora) + 1)

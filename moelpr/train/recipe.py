@@ -21,7 +21,7 @@ from moelpr.errors import UserError
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # YAML 1.1 reads 3e-4 (no dot) as a string
 _PATH_KEYS = ("model", "corpora", "output_dir", "cache_dir", "num_experts", "similarity", "resume_from_checkpoint")
 DEFAULT_CLASSIFIER_TOP_K = 7  # LayerMoE's Qwen scripts: classifiers in 7 of 24 layers
-METHODS = ("moe", "full", "lora", "llama_pro")
+METHODS = ("moe", "moe_one_stage", "full", "lora", "llama_pro", "loramoe")
 SAVE_FORMATS = ("delta", "full")
 
 
@@ -34,7 +34,8 @@ class Recipe:
     corpora: Any
     """Corpora spec: a YAML / dataset_info.json path, or an inline list of corpus entries (see moelpr.data)."""
     method: str = "moe"
-    """"moe" (MoE-LPR), or a baseline: "full" (all parameters), "lora", "llama_pro"."""
+    """"moe" (MoE-LPR, stage 1 or 2), "moe_one_stage" (the paper's "MoE": upcycled, every parameter trained in one
+    stage on all corpora), or a baseline on the dense model: "full", "lora", "llama_pro", "loramoe"."""
     stage: int = 1
     """MoE-LPR stage: 1 = post-pretraining on the new languages, 2 = review with the LPR loss."""
     num_experts: Any = 4
@@ -52,6 +53,15 @@ class Recipe:
     """Weight of the LPR loss (stage 2)."""
     lpr_loss_form: str = "paper"
     """"paper" (−log G₀) or "official" (CE on the softmax probabilities, as the official code)."""
+    lpr_loss_reduction: str = "mean"
+    """"mean" over (MoE layer, old token) pairs (official code) or "sum" over layers and old tokens per LM target
+    token (the paper's Σ_{t∈B}, on the NTP loss's scale; docs/method-choices.md)."""
+    router_warning_threshold: float = 0.1
+    """Stage 2: warn (one line) about MoE layers whose old-language tokens still take more than this share of
+    their output mix from new experts at the end of training (train_metrics.json: `router_convergence`)."""
+    expert_init: str = "copy"
+    """Stage 1: new experts start as "copy" of the original FFN (the paper's Expert-Copy) or "random" (the
+    "w/o Expert-Copy" ablation)."""
     balance_loss_form: str = "mixtral"
     """"mixtral" (official code, ≈ k when balanced) or "paper" (÷ k)."""
     cutoff_len: int = 1024
@@ -77,7 +87,8 @@ class Recipe:
     continue_: bool = False
     """YAML key `continue`: stage 1 continues training an already upcycled model instead of refusing it."""
     save_format: str | None = None
-    """"delta" (only the MoE weights plus the base path; default for moe) or "full" (default otherwise)."""
+    """"full" (default: every weight plus the model code beside config.json, so stock transformers / lm-eval load
+    it with trust_remote_code) or "delta" (moe only: the MoE weights plus the base's path; loads with moelpr)."""
     overwrite: bool = False
     """Replace an output directory that already holds a trained model or checkpoints."""
     on_bad_record: str = "error"
@@ -92,6 +103,9 @@ class Recipe:
     """LoRA baseline: rank."""
     lora_alpha: int = 16
     """LoRA baseline: alpha."""
+    loramoe_experts: int = 8
+    """LoRAMoE baseline: LoRA experts per MLP linear (rank `lora_rank`, scaling `lora_alpha` / rank; the paper:
+    8 experts of rank 180)."""
     lora_target: Any = "all-linear"
     """LoRA baseline: target modules ("all-linear" or a list of module names)."""
     llama_pro_blocks: int | None = None
@@ -108,18 +122,23 @@ class Recipe:
         if self.stage == 2 and self.method != "moe":
             raise UserError(f"stage 2 exists only for method: moe, not {self.method!r}; drop stage or set method: moe")
         _check_choice("lpr_loss_form", self.lpr_loss_form, ("paper", "official"))
+        _check_choice("lpr_loss_reduction", self.lpr_loss_reduction, ("mean", "sum"))
+        _check_choice("expert_init", self.expert_init, ("copy", "random"))
         _check_choice("balance_loss_form", self.balance_loss_form, ("mixtral", "paper"))
         _check_choice("on_bad_record", self.on_bad_record, ("error", "skip"))
         if self.save_format is None:
-            self.save_format = "delta" if self.method == "moe" else "full"
+            self.save_format = "full"
         _check_choice("save_format", self.save_format, SAVE_FORMATS)
         if self.save_format == "delta" and self.method != "moe":
             raise UserError(f"save_format: delta is only for method: moe; use save_format: full for {self.method}")
-        for key in ("top_k", "cutoff_len", "num_proc", "lora_rank", "lora_alpha"):
+        for key in ("top_k", "cutoff_len", "num_proc", "lora_rank", "lora_alpha", "loramoe_experts"):
             _check_positive_int(key, getattr(self, key))
         for key in ("max_docs", "llama_pro_blocks", "llama_pro_every"):
             if getattr(self, key) is not None:
                 _check_positive_int(key, getattr(self, key))
+        if isinstance(self.router_warning_threshold, bool) or not isinstance(self.router_warning_threshold, (int, float)) \
+                or not 0 <= self.router_warning_threshold <= 1:
+            raise UserError(f"router_warning_threshold must be a share between 0 and 1, got {self.router_warning_threshold!r}")
         for key in ("aux_loss_coef", "lpr_loss_coef", "cls_loss_coef"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

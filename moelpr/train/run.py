@@ -5,8 +5,10 @@ languages with NTP + α·balance; with `expand: true` (LayerMoE lifelong expansi
 a finished stage-2 model and train only it on its group's corpora. Stage 2 (stage: 2): load the stage-1
 model, train only the routers (and LayerMoE classifiers, when the recipe asks for them) on the new languages
 plus the old-language replay with NTP + γ·LPR (+ classifier CE). The saved config's `completed_stage` records
-the finished stage. Baselines: `full` trains every parameter of the
-dense model; `lora` and `llama_pro` are prepared and saved by `moelpr.train.baselines`.
+the finished stage. `moe_one_stage` (the paper's "MoE" row) upcycles and trains every parameter in one stage
+on all the corpora given. Baselines on the dense model: `full` trains every parameter; `loramoe` adds LoRA
+experts with routers to the MLPs (`moelpr.loramoe`); `lora` and `llama_pro` are prepared and saved by
+`moelpr.train.baselines`.
 
 Output directory: Trainer checkpoints go to `output_dir/checkpoints/`; the final model (loadable with
 `moelpr.load_model`), its tokenizer and `train_metrics.json` appear in `output_dir` in one atomic swap at
@@ -65,6 +67,11 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
         if not corpora:
             raise UserError("stage 1 trains on the new languages but no corpus has role: new; add one")
         moelpr.set_trainable(model, "stage1")
+    elif recipe.method == "moe_one_stage":  # the paper's "MoE" row: upcycled, everything trains, one stage
+        model = _stage1_model(recipe, moelpr)
+        if not any(c.role == "new" for c in corpora):
+            raise UserError("moe_one_stage trains on the new languages (plus any replay) but no corpus has role: new")
+        moelpr.set_trainable(model, "all")
     elif recipe.method == "moe":
         model = _stage2_model(recipe, moelpr)
         if not any(c.role == "old" for c in corpora):
@@ -78,12 +85,16 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
             raise UserError(f"method: {recipe.method} is a baseline on the dense model; {recipe.model} is an MoE-LPR model")
         if recipe.method == "full":
             moelpr.set_trainable(model, "all")
+        elif recipe.method == "loramoe":
+            model = moelpr.loramoe(model, num_experts=recipe.loramoe_experts, rank=recipe.lora_rank,
+                                   alpha=recipe.lora_alpha)
+            model.config.base_model_path = str(Path(recipe.model).resolve())
         else:
             model = _baselines().prepare_baseline(
                 recipe.method, model, lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha,
                 lora_target=recipe.lora_target, llama_pro_blocks=recipe.llama_pro_blocks,
                 llama_pro_every=recipe.llama_pro_every, verbose=False)
-    if recipe.method == "moe":
+    if recipe.method in ("moe", "moe_one_stage"):
         model.config.completed_stage = recipe.stage - 1  # checkpoints taken during this run are unfinished
     corpora = [c if c.max_docs is not None or recipe.max_docs is None else dataclasses.replace(c, max_docs=recipe.max_docs)
                for c in corpora]
@@ -101,11 +112,16 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     result = trainer.train(resume_from_checkpoint=resume)
 
     # ---- save (main process only; the others wait) ------------------------------------------------------
-    if recipe.method == "moe":
+    if recipe.method in ("moe", "moe_one_stage"):
         model.config.completed_stage = recipe.stage  # lifelong expansion starts only from a finished stage 2
+    convergence = trainer.router_convergence(recipe.router_warning_threshold)  # every process: it all-reduces
     if trainer.is_world_process_zero():
         metrics = {"metrics": result.metrics, "final": _last_logged(trainer.state.log_history),
                    "log_history": trainer.state.log_history, "recipe": recipe.to_dict()}
+        if convergence is not None:
+            metrics["router_convergence"] = convergence
+            if recipe.method == "moe" and recipe.stage == 2 and convergence["unconverged_layers"]:
+                logger.warning(_convergence_warning(convergence))
         _save(trainer.model, tokenizer, recipe, out_dir, metrics)
     trainer.accelerator.wait_for_everyone()
     return out_dir
@@ -124,8 +140,9 @@ def _stage1_model(recipe: Recipe, moelpr):
         model.config.lpr_loss_coef = model.config.cls_loss_coef = 0.0  # classifiers (if any) are frozen in stage 1
         return model
     model = moelpr.upcycle(model, num_experts=recipe.experts_per_layer(), top_k=recipe.top_k, layers=recipe.layers,
-                           aux_loss_coef=recipe.aux_loss_coef, lpr_loss_coef=0.0,
-                           balance_loss_form=recipe.balance_loss_form, lpr_loss_form=recipe.lpr_loss_form)
+                           expert_init=recipe.expert_init, aux_loss_coef=recipe.aux_loss_coef, lpr_loss_coef=0.0,
+                           balance_loss_form=recipe.balance_loss_form, lpr_loss_form=recipe.lpr_loss_form,
+                           lpr_loss_reduction=recipe.lpr_loss_reduction)
     model.config.base_model_path = str(Path(recipe.model).resolve())  # the delta format points here
     return model
 
@@ -138,6 +155,7 @@ def _stage2_model(recipe: Recipe, moelpr):
                         "(run stage 1 first and pass its output_dir as model)")
     model.config.lpr_loss_coef = recipe.lpr_loss_coef
     model.config.lpr_loss_form = recipe.lpr_loss_form
+    model.config.lpr_loss_reduction = recipe.lpr_loss_reduction
     model.config.aux_loss_coef = 0.0
     model.config.cls_loss_coef = recipe.cls_loss_coef
     return model
@@ -204,6 +222,15 @@ def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
     except (TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"invalid training arguments: {first}") from None
+
+
+def _convergence_warning(convergence: dict) -> str:
+    """One line naming the layers whose old-language tokens still take their output from other experts."""
+    weights = dict(zip(convergence["layers"], convergence["old"]["expert0_weight"]))
+    shown = ", ".join(f"{layer} ({weights[layer]:.2f})" for layer in convergence["unconverged_layers"])
+    return (f"router convergence: old-language tokens still take more than {convergence['threshold']:.0%} of their "
+            f"output from new experts in MoE layer(s) {shown} (expert 0's weight in the mix); more review steps, "
+            "a larger lpr_loss_coef or lpr_loss_reduction: sum push them back (train_metrics.json: router_convergence)")
 
 
 # ---- save ---------------------------------------------------------------------------------------------------

@@ -6,13 +6,20 @@ global batch is split into gradient-accumulation micro-batches or over processes
 
 - LM: summed CE / `num_items_in_batch` (label tokens over all micro-batches and processes), ×world_size to
   undo DDP's gradient averaging;
-- LPR: each micro-batch's mean over (layer, old token) pairs, weighted by its share of the old tokens of
-  the whole global batch (same ×world_size), i.e. exactly the mean over the global batch (method.md §3.1);
+- LPR, `lpr_loss_reduction: mean`: each micro-batch's mean over (layer, old token) pairs, weighted by its
+  share of the old tokens of the whole global batch (same ×world_size), i.e. exactly the mean over the global
+  batch (method.md §3.1); `sum`: a sum over the global batch's target count, so scaled exactly like the LM term;
 - balance (and LayerMoE classifier): defined per forward pass, as in the official code, so ÷GA; DDP's
   averaging then gives the mean over processes.
 
 With LayerMoE classifiers it also logs `cls_acc`, the share of classifier decisions (over classifier layers
 and sequences, or tokens) that match the batch's language groups; forward hooks read the logits.
+
+Router convergence (the instrument for stage 2): per MoE layer and language role (old = `lang_mask`, new = the
+other real tokens), expert 0's mean router probability, the share of tokens with expert 0 in their top-k and
+expert 0's mean weight in the output mix, logged as `router/layer_{i}/{role}/{expert0_prob,expert0_in_topk,
+expert0_weight}`; `router_convergence()` gives the last window's values for train_metrics.json and names the
+layers whose old tokens still take more than a threshold of their output from the new experts.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer
+
+from moelpr.evaluate.routing import RoutingSums, routing_sums
+
+ROLES = ("old", "new")
 
 
 class MoETrainer(Trainer):
@@ -33,7 +44,9 @@ class MoETrainer(Trainer):
         self._metric_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         self._old_tokens_in_batch: torch.Tensor | None = None
         self._classifier_logits: list[torch.Tensor] = []
-        from moelpr.moe.classifier import LanguageClassifier
+        self._routing: dict[str, RoutingSums] = {}  # role -> sums since the last log
+        self._last_routing: dict[str, dict] | None = None  # role -> summary of the last logged window
+        from moelpr.model.classifier import LanguageClassifier
 
         for module in self.model.modules():
             if isinstance(module, LanguageClassifier):
@@ -56,7 +69,7 @@ class MoETrainer(Trainer):
 
     # -- loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from moelpr.modeling import MoELPRForCausalLM
+        from moelpr.model import MoELPRForCausalLM
 
         unwrapped = self.accelerator.unwrap_model(model)
         training = model.training
@@ -86,7 +99,10 @@ class MoETrainer(Trainer):
             terms["aux_loss"] = out.aux_loss / ga
             loss = loss + cfg.aux_loss_coef * terms["aux_loss"]
         if out.lpr_loss is not None and cfg.lpr_loss_coef:
-            terms["lpr_loss"] = self._lpr_share(out.lpr_loss, inputs["lang_mask"], ga, world, training)
+            if cfg.lpr_loss_reduction == "sum":  # a sum / the LM's target count: scaled like the LM term
+                terms["lpr_loss"] = out.lpr_loss * world if num_items_in_batch is not None else out.lpr_loss / ga
+            else:
+                terms["lpr_loss"] = self._lpr_share(out.lpr_loss, inputs["lang_mask"], ga, world, training)
             loss = loss + cfg.lpr_loss_coef * terms["lpr_loss"]
         if out.cls_loss is not None and cfg.cls_loss_coef:
             terms["cls_loss"] = out.cls_loss / ga
@@ -95,6 +111,7 @@ class MoETrainer(Trainer):
             for name, value in terms.items():
                 self._add_metric(name, value.detach(), ga)
             self._add_router_metrics(out.router_logits, inputs.get("lang_mask"))
+            self._add_routing_by_role(out.router_logits, inputs, cfg.num_experts_per_tok)
             self._add_classifier_metrics(cfg, inputs)
         return (loss, out) if return_outputs else loss
 
@@ -129,11 +146,67 @@ class MoETrainer(Trainer):
                 sums["_p0old_n"] = sums["_p0old_n"] + old.sum().cpu().double()
 
     @torch.no_grad()
+    def _add_routing_by_role(self, router_logits, inputs, top_k: int) -> None:
+        """Per-layer routing sums of the old-language and the new-language tokens of this micro-batch."""
+        if not router_logits:
+            return
+        real = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else None
+        old = inputs.get("lang_mask")
+        old = torch.zeros_like(inputs["input_ids"], dtype=torch.bool) if old is None else old.bool()
+        real = torch.ones_like(old) if real is None else real
+        for role, mask in (("old", old & real), ("new", ~old & real)):
+            sums = routing_sums(router_logits, mask, top_k)
+            self._routing[role] = self._routing[role] + sums if role in self._routing else sums
+
+    def _routing_window(self) -> dict[str, dict] | None:
+        """The routing sums since the last log, summed over processes, as per-layer means per role.
+
+        Every process must call it at the same point (it all-reduces)."""
+        if not self._routing:
+            return None
+        roles = [r for r in ROLES if r in self._routing]
+        parts = [torch.tensor([float(self._routing[r].tokens), *map(float, self._routing[r].top_k_has_expert0),
+                               *self._routing[r].expert0_weight_sum], dtype=torch.float64) for r in roles]
+        parts += [torch.stack([p[0] for p in self._routing[r].prob_sum]) for r in roles]  # expert 0's prob sums
+        flat = torch.cat(parts)
+        if self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(flat.to(self.args.device), "sum").cpu()
+        layers = len(self._routing[roles[0]].prob_sum)
+        self._routing = {}
+        counts = flat[: len(roles) * (1 + 2 * layers)].view(len(roles), 1 + 2 * layers)  # (roles, 1 + 2L)
+        probs = flat[len(roles) * (1 + 2 * layers):].view(len(roles), layers)  # (roles, L)
+        out = {}
+        for r, row, prob in zip(roles, counts, probs):
+            n = row[0].item()
+            if n:  # a role with no token in the window (e.g. no old text in stage 1) reports nothing
+                out[r] = {"tokens": int(n), "expert0_prob": (prob / n).tolist(),
+                          "expert0_in_topk": (row[1:1 + layers] / n).tolist(),
+                          "expert0_weight": (row[1 + layers:] / n).tolist()}
+        return out
+
+    def router_convergence(self, threshold: float) -> dict | None:
+        """Per MoE layer and role, expert 0's routing in the steps since the last log (else the last logged
+        window), and the layers where old tokens take more than `threshold` of their output mix from other
+        experts. Every process must call it (it all-reduces)."""
+        window = self._routing_window()
+        window = window if window else self._last_routing
+        if not window:
+            return None
+        self._last_routing = window
+        layers = self._moe_layers()
+        unconverged = [layer for layer, w in zip(layers, window["old"]["expert0_weight"]) if 1.0 - w > threshold] \
+            if "old" in window else []
+        return {"layers": layers, "threshold": threshold, "unconverged_layers": unconverged, **window}
+
+    def _moe_layers(self) -> list[int]:
+        return list(getattr(self.accelerator.unwrap_model(self.model).config, "moe_layers", []))
+
+    @torch.no_grad()
     def _add_classifier_metrics(self, cfg, inputs) -> None:
         """Sums for the classifier accuracy against the batch's language groups."""
         if not self._classifier_logits or inputs.get("lang_group") is None:
             return
-        from moelpr.moe.classifier import group_labels
+        from moelpr.model.classifier import group_labels
 
         mask = inputs.get("attention_mask")
         targets = group_labels(inputs["lang_group"], mask if mask is not None and mask.dim() == 2 else None,
@@ -164,4 +237,12 @@ class MoETrainer(Trainer):
             if values.get("_p0old_n"):
                 logs["router_prob0_old"] = round(values["_p0old_sum"] / values["_p0old_n"], 6)
             self._metric_sums.clear()
+            window = self._routing_window()
+            if window:
+                self._last_routing = window
+                layers = self._moe_layers()
+                for role, stats in window.items():
+                    for stat in ("expert0_prob", "expert0_in_topk", "expert0_weight"):
+                        for layer, value in zip(layers, stats[stat]):
+                            logs[f"router/layer_{layer}/{role}/{stat}"] = round(value, 6)
         super().log(logs, start_time)

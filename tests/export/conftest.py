@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import trained_moe, word_tokenizer
+from tiny import trained_moe, word_tokenizer
 
 import moelpr
 

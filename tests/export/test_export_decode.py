@@ -1,4 +1,4 @@
-"""Decoding reads only the experts the router chose (core `MoEBlock` and the standalone export's block).
+"""Decoding reads only the experts the router chose (`MoEBlock`, the block every checkpoint carries).
 
 A `TorchFunctionMode` watches every torch call of one decoding step and records which experts' weights
 enter a computation: `grouped_mm` reads the groups its `offs` give rows; any other op on a weight (or a
@@ -8,15 +8,14 @@ slice of a stacked weight) reads the experts it covers. Views and calls on empty
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
-from export_helpers import trained_moe
+from tiny import tiny_ids, trained_moe
 from torch.overrides import TorchFunctionMode
-from tiny import tiny_ids
 
-from moelpr.moe.capture import moe_blocks
+from moelpr.model import CACHE_ARG
+from moelpr.model.capture import moe_blocks
 from moelpr.moe.upcycle import add_expert_group
 
 _VIEWS = {"__getitem__", "transpose", "t", "view", "reshape", "expand", "expand_as", "chunk", "split", "narrow",
@@ -82,20 +81,20 @@ def regions_of(blocks):
 
 def chosen_experts(model, step_ids, past):
     """Per MoE layer, the top-k experts the router picks for the single decoding token."""
-    from moelpr.moe.capture import capture_router_logits
+    from moelpr.model.capture import capture_router_logits
 
     with torch.no_grad(), capture_router_logits(model) as logits:
-        model(input_ids=step_ids, past_key_values=past, use_cache=True)
+        model(input_ids=step_ids, cache=past, use_cache=True)
     return [set(block.route(l)[1][0].tolist()) for block, l in zip(moe_blocks(model), logits)]
 
 
 def decode_step_reads(model, blocks, prompt, step_ids):
     with torch.no_grad():
-        past = model(input_ids=prompt, use_cache=True).past_key_values
+        past = getattr(model(input_ids=prompt, use_cache=True), CACHE_ARG)
         chosen = chosen_experts(model, step_ids, copy.deepcopy(past))
         spy = ExpertReads(regions_of(blocks))
         with spy:
-            model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            model(input_ids=step_ids, cache=past, use_cache=True)
     return spy.read, chosen
 
 
@@ -112,7 +111,7 @@ def check_only_chosen(model, blocks, top_k):
 @pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "loop"])
 def test_core_decode_step_reads_only_top_k_experts(monkeypatch, grouped_mm):
     if not grouped_mm:
-        monkeypatch.setattr("moelpr.moe.grouped.grouped_mm_available", lambda x, w: False)
+        monkeypatch.setattr("moelpr.model.grouped.grouped_mm_available", lambda x, w: False)
     model = trained_moe(num_experts=4, top_k=2)
     check_only_chosen(model, moe_blocks(model), top_k=2)
 
@@ -131,31 +130,9 @@ def test_core_decode_step_skips_unchosen_groups(setup):
     check_only_chosen(model, moe_blocks(model), top_k=model.config.num_experts_per_tok)
 
 
-def test_standalone_block_decode_step_reads_only_top_k_experts():
-    standalone = importlib.import_module("moelpr.export.standalone.modeling_moelpr")
-    ours = trained_moe(num_experts=4, top_k=2)
-    config = importlib.import_module("moelpr.export.standalone.configuration_moelpr").MoELPRConfig(
-        **{k: v for k, v in ours.config.to_dict().items() if k in ("expert_groups", "experts_per_layer", "num_experts_per_tok")},
-        text_config=ours.config.text_config.to_dict())
-    theirs = standalone.MoELPRForCausalLM(config).eval()
-    theirs.load_state_dict(ours.state_dict())
-    blocks = [m for m in theirs.modules() if isinstance(m, standalone.MoELPRBlock)]
-    prompt = tiny_ids(batch=1, seq=6, seed=2)
-    for token in range(4, 12):
-        step = torch.tensor([[token]])
-        with torch.no_grad():
-            chosen = chosen_experts(ours, step, ours(input_ids=prompt, use_cache=True).past_key_values)
-            past = theirs(input_ids=prompt, use_cache=True).past_key_values
-            spy = ExpertReads(regions_of(blocks))
-            with spy:
-                theirs(input_ids=step, past_key_values=past, use_cache=True)
-        for layer, experts in enumerate(chosen):
-            assert {e for l, e in spy.read if l == layer} == experts, (token, layer, spy.read, chosen)
-
-
 def test_core_accelerator_path_decode_step_reads_only_top_k_experts(monkeypatch):
     """On an accelerator, decoding (no grad) must not take the all-experts single-call path."""
-    from moelpr.moe.layer import MoEBlock
+    from moelpr.model.layer import MoEBlock
 
     decide = MoEBlock._single_grouped_call
     # Ask the real decision as if the tokens lived on a non-CPU device (meta stands in for CUDA here).

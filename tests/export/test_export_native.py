@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from export_helpers import trained_moe
-from tiny import tiny_ids
+from tiny import tiny_ids, trained_moe
 from transformers import AutoModelForCausalLM
 
 import moelpr

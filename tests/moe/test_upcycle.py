@@ -96,3 +96,20 @@ def test_upcycling_twice_is_refused():
     moe = moelpr.upcycle(tiny_model())
     with pytest.raises(UserError, match="already upcycled"):
         moelpr.upcycle(moe)
+
+
+def test_random_expert_init_is_the_no_copy_ablation():
+    dense = tiny_model()
+    original = {n: p.clone() for n, p in dense.state_dict().items()}
+    moe = moelpr.upcycle(dense, num_experts=3, expert_init="random")
+    assert moe.config.expert_init == "random"
+    for block in moelpr.moe_blocks(moe):
+        gate_up, down = block.experts[0].gate_up_proj, block.experts[0].down_proj
+        assert not torch.equal(gate_up[0], gate_up[1])  # independent draws, not copies
+        assert 0.01 < gate_up.std().item() < 0.04 and 0.01 < down.std().item() < 0.04  # initializer_range 0.02
+        assert not torch.allclose(gate_up[0, : down.shape[2]], block.original.gate_proj.weight)
+    kept = {n.replace("mlp.original.", "mlp."): p for n, p in moe.lm.state_dict().items() if ".experts." not in n
+            and ".routers." not in n}
+    assert kept.keys() == original.keys() and all(torch.equal(kept[n], original[n]) for n in kept)  # base untouched
+    with pytest.raises(moelpr.UserError, match="expert_init"):
+        moelpr.upcycle(tiny_model(), num_experts=3, expert_init="zeros")

@@ -119,7 +119,7 @@ def test_lifelong_stage1_keeps_g0_and_g1_bit_identical(chain):
         assert block.experts[1].num_experts == new and block.routers[1].weight.shape[0] == new
         start = torch.cat([block.original.gate_proj.weight, block.original.up_proj.weight])  # the copies' start
         assert all(not torch.equal(e, start) for e in block.experts[1].gate_up_proj)  # trained
-    limits = moelpr.moe_blocks(after_model)[1].classifier.limits.tolist()
+    limits = moelpr.moe_blocks(after_model)[1].classifier.limits
     assert limits == [1, 4]  # the frozen G1 classifier: its "new" class may now use the G2 experts too
     assert "router_prob/expert_3" in logged(chain["g2_s1"])[0]
 
@@ -128,7 +128,7 @@ def test_lifelong_stage2_trains_routers_and_classifiers_of_all_groups(chain):
     before, after_model = _params(chain["g2_s1"]), moelpr.load_model(chain["g2_s2"])
     cfg = after_model.config
     assert cfg.classifier_layers == [0, 1] and cfg.classifier_groups == 3 and cfg.completed_stage == 2
-    assert [b.classifier.limits.tolist() for b in moelpr.moe_blocks(after_model)] == [[1, 3, 4], [1, 2, 4]]
+    assert [b.classifier.limits for b in moelpr.moe_blocks(after_model)] == [[1, 3, 4], [1, 2, 4]]
     changed = {n for n, p in after_model.named_parameters() if n in before and not torch.equal(p, before[n])}
     assert {n.split(".mlp.")[1] for n in changed} <= {"routers.0.weight", "routers.1.weight", "classifier.linear.weight"}
     assert any("routers.1" in n for n in changed)

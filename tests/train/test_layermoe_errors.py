@@ -74,7 +74,7 @@ def test_bad_layermoe_keys(bad, message):
 
 def test_classifier_top_k_defaults_to_seven(tmp_path):
     from moelpr.train.layermoe import classifier_layers_from_similarity
-    from moelpr.modeling import MoELPRConfig
+    from moelpr.model import MoELPRConfig
     from transformers import LlamaConfig
 
     text = LlamaConfig(num_hidden_layers=8, hidden_size=16, intermediate_size=32, num_attention_heads=2)

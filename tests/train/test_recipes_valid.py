@@ -46,7 +46,8 @@ def test_recipes_are_shipped():
     names = {_rel(p) for p in RECIPE_FILES}
     for expected in ("moe_lpr/qwen1.5-1.8b_stage1", "moe_lpr/qwen1.5-1.8b_stage2", "moe_lpr/qwen1.5-1.8b_stage1_official4",
                      "moe_lpr/llama3-8b_stage1", "moe_lpr/llama3-8b_stage2", "baselines/qwen1.5-1.8b_full",
-                     "baselines/qwen1.5-1.8b_lora", "baselines/qwen1.5-1.8b_llama_pro"):
+                     "baselines/qwen1.5-1.8b_lora", "baselines/qwen1.5-1.8b_llama_pro", "baselines/qwen1.5-1.8b_loramoe",
+                     "baselines/qwen1.5-1.8b_moe_one_stage", "moe_lpr/qwen1.5-1.8b_stage1_no_copy"):
         assert f"recipes/{expected}.yaml" in names
 
 
@@ -77,11 +78,14 @@ def test_recipe_loads_through_load_recipe(path):
 
 
 GPUS = {"qwen1.5-1.8b_stage1": 8, "qwen1.5-1.8b_stage2": 8, "qwen1.5-1.8b_stage1_official4": 4, "llama3-8b_stage1": 8,
-        "llama3-8b_stage2": 8, "qwen1.5-1.8b_full": 8, "qwen1.5-1.8b_lora": 8, "qwen1.5-1.8b_llama_pro": 8}
+        "llama3-8b_stage2": 8, "qwen1.5-1.8b_full": 8, "qwen1.5-1.8b_lora": 8, "qwen1.5-1.8b_llama_pro": 8,
+        "qwen1.5-1.8b_loramoe": 8, "qwen1.5-1.8b_moe_one_stage": 8, "qwen1.5-1.8b_stage1_no_copy": 8}
 PAPER = {  # method.md §1.3: (experts, global batch, cutoff_len)
     "qwen1.5-1.8b_stage1": (6, 512, 1024), "qwen1.5-1.8b_stage2": (None, 512, 512),
     "qwen1.5-1.8b_stage1_official4": (4, 256, 1024), "llama3-8b_stage1": (4, 512, 1024), "llama3-8b_stage2": (None, 512, 512),
     "qwen1.5-1.8b_full": (None, 512, 1024), "qwen1.5-1.8b_lora": (None, 512, 1024), "qwen1.5-1.8b_llama_pro": (None, 512, 1024),
+    "qwen1.5-1.8b_loramoe": (None, 512, 1024), "qwen1.5-1.8b_moe_one_stage": (None, 512, 1024),
+    "qwen1.5-1.8b_stage1_no_copy": (6, 512, 1024),
 }
 
 
@@ -96,13 +100,17 @@ def test_paper_hyper_parameters(name):
     assert (raw["learning_rate"], raw["lr_scheduler_type"], raw["num_train_epochs"], raw["bf16"]) == (5e-5, "cosine", 1, True)
     if experts is not None:
         assert (raw["num_experts"], raw["top_k"], raw["aux_loss_coef"], raw["stage"]) == (experts, 2, 0.01, 1)
-        assert raw["save_format"] == "delta"
+        assert "save_format" not in raw  # the default, full: stock lm-eval / transformers load the output
     if raw.get("stage") == 2:
         assert raw["lpr_loss_coef"] == 0.1 and "aux_loss_coef" not in raw
     if raw["method"] == "lora":
         assert (raw["lora_rank"], raw["lora_alpha"], raw["lora_target"]) == (8, 16, "all-linear")
     if raw["method"] == "llama_pro":
         assert raw["llama_pro_blocks"] == 12
+    if raw["method"] == "loramoe":
+        assert (raw["loramoe_experts"], raw["lora_rank"]) == (8, 180)
+    if raw["method"] == "moe_one_stage":
+        assert (raw["num_experts"], raw["top_k"], raw["aux_loss_coef"]) == (6, 2, 0.01)
 
 
 @pytest.mark.parametrize("path", sorted((RECIPES / "corpora").glob("*.yaml")), ids=_rel)

@@ -18,7 +18,7 @@ def test_training_args_are_collected_and_overrides_win(tmp_path):
                                 "--num-experts=6"])
     assert recipe.training_args == {"output_dir": "out", "learning_rate": 3e-4, "max_steps": 7, "bf16": True}
     assert recipe.continue_ is True and recipe.layers == [0, 1] and recipe.num_experts == 6
-    assert recipe.save_format == "delta" and recipe.aux_loss_coef == 0.01 and recipe.lpr_loss_coef == 0.1
+    assert recipe.save_format == "full" and recipe.aux_loss_coef == 0.01 and recipe.lpr_loss_coef == 0.1
     assert recipe.to_dict()["continue"] is True and recipe.to_dict()["learning_rate"] == 3e-4
 
 

@@ -20,13 +20,14 @@ def stage1(world, tmp_path_factory):
     return _run(world, tmp_path_factory.mktemp("ga") / "s1", max_steps=2)
 
 
-@pytest.mark.parametrize("name", ["stage1.yaml", "stage2.yaml"])
-def test_ga1_equals_ga4(world, stage1, tmp_path, name):
+@pytest.mark.parametrize("name, extra", [("stage1.yaml", {}), ("stage2.yaml", {}),
+                                         ("stage2.yaml", {"lpr_loss_reduction": "sum"})], ids=["s1", "s2", "s2-sum"])
+def test_ga1_equals_ga4(world, stage1, tmp_path, name, extra):
     model = str(stage1) if name == "stage2.yaml" else str(world[0])
     one = logged(_run(world, tmp_path / "ga1", name, model=model, max_steps=1, per_device_train_batch_size=4,
-                      gradient_accumulation_steps=1))[0]
+                      gradient_accumulation_steps=1, **extra))[0]
     four = logged(_run(world, tmp_path / "ga4", name, model=model, max_steps=1, per_device_train_batch_size=1,
-                       gradient_accumulation_steps=4))[0]
+                       gradient_accumulation_steps=4, **extra))[0]
     assert four["lm_loss"] == pytest.approx(one["lm_loss"], rel=1e-5)
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-3)
     if name == "stage2.yaml":

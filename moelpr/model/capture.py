@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moelpr.moe.layer import MoEBlock
+from .layer import MoEBlock
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:

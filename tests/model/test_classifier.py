@@ -6,7 +6,7 @@ from tiny import tiny_ids, tiny_model
 
 import moelpr
 from moelpr import UserError
-from moelpr.moe.classifier import LanguageClassifier, expert_limits, group_labels
+from moelpr.model.classifier import LanguageClassifier, expert_limits, group_labels
 
 
 def test_expert_limits_per_class():
@@ -79,7 +79,7 @@ def test_stage2_training_teaches_the_classifier_to_separate_groups(pooling):
         optimizer.step()
     moe.eval()
     ids, group = batch(64)
-    with torch.no_grad(), moelpr.moe.capture.capture_classifier_logits(moe) as logits:
+    with torch.no_grad(), moelpr.model.capture.capture_classifier_logits(moe) as logits:
         moe(ids)
     targets = group_labels(group, None, 2, pooling)
     for layer_logits in logits:

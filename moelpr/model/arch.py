@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moelpr.errors import UserError
+from .errors import UserError
 
 # layout name -> attribute names of the projections inside `layer.mlp`
 MLP_LAYOUTS: dict[str, dict[str, str]] = {

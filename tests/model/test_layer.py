@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-import moelpr.moe.grouped as grouped
-from moelpr.moe.layer import MoEBlock, StackedExperts, new_router
+import moelpr.model.grouped as grouped
+from moelpr.model.layer import MoEBlock, StackedExperts, new_router
 
 
 class GatedMLP(nn.Module):

@@ -17,16 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelpr.moe.arch import activation, gate_up_down
-from moelpr.moe.classifier import LanguageClassifier
-from moelpr.moe.grouped import grouped_linear, grouped_mm_available
+from .arch import activation, gate_up_down
+from .classifier import LanguageClassifier
+from .grouped import grouped_linear, grouped_mm_available
 
 
 class StackedExperts(nn.Module):
     """`num_experts` gated MLPs with stacked weights: gate_up `(E, 2I, H)` rows [gate; up], down `(E, H, I)`."""
 
     def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int, act_fn: nn.Module,
-                 bias: bool = False, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 bias: bool = False, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 init_std: float | None = 0.02):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.num_experts = num_experts
@@ -35,15 +36,23 @@ class StackedExperts(nn.Module):
         self.gate_up_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, **kw)) if bias else None
         self.down_bias = nn.Parameter(torch.zeros(num_experts, hidden_size, **kw)) if bias else None
         self.act_fn = act_fn
-        nn.init.normal_(self.gate_up_proj, std=0.02)
-        nn.init.normal_(self.down_proj, std=0.02)
+        if init_std is not None:  # None: the caller fills the weights (copies, or a checkpoint)
+            nn.init.normal_(self.gate_up_proj, std=init_std)
+            nn.init.normal_(self.down_proj, std=init_std)
+
+    @classmethod
+    def like(cls, mlp: nn.Module, num_experts: int, *, init_std: float | None = 0.02) -> "StackedExperts":
+        """`num_experts` experts with the shapes, dtype and biases of the dense gated MLP `mlp`, normal(`init_std`)."""
+        _, down, gate_up_bias, down_bias = gate_up_down(mlp)
+        return cls(num_experts=num_experts, hidden_size=down.shape[0], intermediate_size=down.shape[1],
+                   act_fn=activation(mlp), bias=gate_up_bias is not None or down_bias is not None,
+                   dtype=down.dtype, device=down.device, init_std=init_std)
 
     @classmethod
     def copies_of(cls, mlp: nn.Module, num_experts: int) -> "StackedExperts":
         """`num_experts` exact copies of a dense gated MLP ("Expert-Copy" initialisation)."""
         gate_up, down, gate_up_bias, down_bias = gate_up_down(mlp)
-        experts = cls(num_experts=num_experts, hidden_size=down.shape[0], intermediate_size=down.shape[1],
-                      act_fn=activation(mlp), bias=gate_up_bias is not None or down_bias is not None, dtype=down.dtype, device=down.device)
+        experts = cls.like(mlp, num_experts, init_std=None)
         with torch.no_grad():
             experts.gate_up_proj.copy_(gate_up.expand_as(experts.gate_up_proj))
             experts.down_proj.copy_(down.expand_as(experts.down_proj))
@@ -82,7 +91,7 @@ class MoEBlock(nn.Module):
 
     `classifier` (LayerMoE, optional) turns the MLP input into a per-token expert limit: token t may only
     use experts `< limit[t]`, and a limit of 1 sends it to expert 0 alone, at weight 1.
-    `sink` / `classifier_sink`, when set (see `moelpr.moe.capture`), receive this layer's float32 router
+    `sink` / `classifier_sink`, when set (see `moelpr.model.capture`), receive this layer's float32 router
     logits `(N, E)` and classifier logits.
     """
 

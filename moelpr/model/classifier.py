@@ -27,7 +27,9 @@ class LanguageClassifier(nn.Module):
             weight = torch.empty(len(expert_limits), hidden_size, device=like.device)
             nn.init.xavier_normal_(weight)
             self.linear.weight.copy_(weight)
-        self.register_buffer("limits", torch.tensor(expert_limits, device=like.device), persistent=False)
+        # A plain list, not a buffer: a non-persistent buffer is not in the checkpoint, and transformers 5 builds
+        # models on the meta device, so after from_pretrained it would hold garbage.
+        self.limits: list[int] = list(expert_limits)
         self.pooling = pooling
         self.forced: torch.Tensor | None = None  # (B,) groups decided on the prompt, reused while decoding
         self.decided: torch.Tensor | None = None  # (B,) the last per-sequence decision
@@ -43,7 +45,7 @@ class LanguageClassifier(nn.Module):
         else:
             logits = self.linear(hidden_states.reshape(-1, hidden)).float()  # (N, G)
             group = logits.argmax(dim=-1)  # (N,)
-        return self.limits[group], logits
+        return torch.tensor(self.limits, device=group.device)[group], logits
 
 
 def expert_limits(group_sizes: list[int], num_classes: int) -> list[int]:

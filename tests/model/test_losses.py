@@ -47,6 +47,24 @@ def test_lpr_paper_form_is_mean_minus_log_g0_over_layer_old_token_pairs():
     assert losses.lpr_loss([l1, l2], old).item() == pytest.approx(sum(terms) / 4, rel=1e-6)
 
 
+def test_lpr_sum_reduction_is_the_papers_sum_over_layers_and_old_tokens_per_target_token():
+    # Hand computation: two layers, 3 tokens of which tokens 0 and 2 are old; the LM loss is a mean over 5 targets.
+    l1 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
+    l2 = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 3.0], [1.0, -1.0, 0.0]])
+    old = torch.tensor([1, 0, 1])
+    nll = lambda row: -math.log(math.exp(row[0]) / sum(math.exp(v) for v in row))  # −log G_0
+    total = nll([2.0, 0.0, 0.0]) + nll([0.5, 0.5, 0.0]) + nll([0.0, 0.0, 0.0]) + nll([1.0, -1.0, 0.0])
+    assert losses.lpr_loss([l1, l2], old, reduction="sum", num_tokens=5).item() == pytest.approx(total / 5, rel=1e-6)
+    assert losses.lpr_loss([l1, l2], old, reduction="sum", num_tokens=torch.tensor(5)).item() == pytest.approx(total / 5)
+    assert losses.lpr_loss([l1, l2], old, reduction="sum").item() == pytest.approx(total / 3)  # default: all tokens
+    assert losses.lpr_loss([l1, l2], old, reduction="mean").item() == pytest.approx(total / 4)  # (layer, old) pairs
+    # each router's gradient: the sum form gives every old token weight 1/num_tokens, the mean form 1/(L·n_old)
+    g = torch.zeros(3, 3, requires_grad=True)
+    losses.lpr_loss([g, l2], old, reduction="sum", num_tokens=5).backward()
+    expected = torch.tensor([[-2 / 3, 1 / 3, 1 / 3], [0, 0, 0], [-2 / 3, 1 / 3, 1 / 3]]) / 5
+    assert torch.allclose(g.grad, expected, atol=1e-7)
+
+
 def test_lpr_official_form_is_double_softmax_cross_entropy():
     logits = torch.randn(5, 6)
     old = torch.tensor([1, 1, 0, 1, 0])
