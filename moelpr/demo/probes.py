@@ -41,7 +41,7 @@ def router_inputs(model, tokenizer, texts: dict[str, Sequence[str]], *, max_toke
 
     Works on a dense model and on an MoE-LPR model alike: the hooks sit on each decoder layer's `mlp`.
     """
-    from moelpr.moe.arch import decoder_layers
+    from moelpr.model.arch import decoder_layers
 
     layers = decoder_layers(getattr(model, "lm", model))  # an MoE-LPR model wraps the HF LM as `.lm`
     captured: list[torch.Tensor] = []

@@ -6,9 +6,12 @@ the same number of optimiser steps × blocks:
     base               the dense model pretrained here, English-centric: the old languages plus a small share of
                          new-language pages that no later run sees (no further training)
     full / lora /      baselines: stage1_steps + stage2_steps on the stage-1 text plus the old-language replay
-    llama_pro            (method.md §1.3: the paper trains its baselines on the same data plus the replay set)
+    llama_pro /          (method.md §1.3: the paper trains its baselines on the same data plus the replay set);
+    moe_one_stage /      moe_one_stage is the paper's "MoE" (upcycled, every parameter trained in one stage),
+    loramoe              loramoe LoRAMoE (LoRA experts with a router on every MLP linear, all active)
     moe_stage1         MoE-LPR stage 1 only (the paper's "w/o Review")
     moe_review_no_lpr  stage 1 + stage 2 with lpr_loss_coef 0 (the paper's "w/o LPR")
+    moe_lpr_no_copy    stage 1 with randomly initialised new experts + the MoE-LPR stage 2 ("w/o Expert-Copy")
     moe_lpr            stage 1 + stage 2 with the LPR loss (MoE-LPR)
     layermoe           LayerMoE: similarity on the base -> per-layer allocation -> stage 1 -> stage 2 with LPR and
                          a language-group classifier on the most similar layer(s); MoE-LPR's data, steps and rates
@@ -39,7 +42,10 @@ from typing import Any, Callable
 from moelpr.demo.settings import DemoSizes, check_or_write_settings, preset_sizes, resolve_precision, settings_record
 from moelpr.errors import UserError
 
-METHODS = ("base", "full", "lora", "llama_pro", "moe_stage1", "moe_review_no_lpr", "moe_lpr", "layermoe")
+METHODS = ("base", "full", "lora", "llama_pro", "moe_one_stage", "loramoe", "moe_stage1", "moe_review_no_lpr",
+           "moe_lpr_no_copy", "moe_lpr", "layermoe")
+PREREQUISITES = {"moe_lpr_no_copy": ("moe_lpr_no_copy_stage1",), "layermoe": ("layermoe_stage1",)}
+"""Runs trained (and timed under the row) before a row: their stage 1."""
 DEFAULT_OLD = ("en", "es", "zh")
 DEFAULT_NEW = ("tr", "hu", "uk")
 SPLITS = ("validation", "test")
@@ -165,7 +171,8 @@ def _plans(out: Path, sizes: DemoSizes, mix: dict[str, Any]) -> dict[str, dict[s
     baseline = {"corpora": str(data / "baselines.yaml"), "model": str(models / "base"),
                 "steps": sizes.stage1_steps + s2_steps, "lr": sizes.lr}
     review = {"method": "moe", "stage": 2, "model": str(models / "moe_stage1"), "corpora": str(data / "review.yaml"),
-              "steps": s2_steps, "lr": sizes.stage2_lr, "lpr_loss_coef": sizes.lpr_loss_coef}
+              "steps": s2_steps, "lr": sizes.stage2_lr, "lpr_loss_coef": sizes.lpr_loss_coef,
+              "lpr_loss_reduction": sizes.lpr_loss_reduction}
     stage1 = {"method": "moe", "stage": 1, "model": str(models / "base"), "corpora": str(data / "stage1.yaml"),
               "num_experts": sizes.num_experts, "top_k": sizes.top_k, "steps": sizes.stage1_steps, "lr": sizes.lr}
     plans = {
@@ -174,8 +181,14 @@ def _plans(out: Path, sizes: DemoSizes, mix: dict[str, Any]) -> dict[str, dict[s
         "full": {"method": "full", **baseline},
         "lora": {"method": "lora", "lora_rank": sizes.lora_rank, "lora_alpha": 2 * sizes.lora_rank, **baseline},
         "llama_pro": {"method": "llama_pro", "llama_pro_blocks": sizes.llama_pro_blocks, **baseline},
+        "moe_one_stage": {"method": "moe_one_stage", "num_experts": sizes.num_experts, "top_k": sizes.top_k,
+                          **baseline},
+        "loramoe": {"method": "loramoe", "loramoe_experts": sizes.loramoe_experts, "lora_rank": sizes.loramoe_rank,
+                    "lora_alpha": 2 * sizes.loramoe_rank, **baseline},
         "moe_stage1": stage1,
         "moe_review_no_lpr": {**review, "lpr_loss_coef": 0.0},
+        "moe_lpr_no_copy_stage1": {**stage1, "expert_init": "random"},
+        "moe_lpr_no_copy": {**review, "model": str(models / "moe_lpr_no_copy_stage1")},
         "moe_lpr": review,
         "layermoe_stage1": {**stage1, "num_experts": str(out / "layermoe" / "allocation.json")},
         "layermoe": {**review, "model": str(models / "layermoe_stage1"),
@@ -270,6 +283,26 @@ def _evaluate(name: str, model_dir: Path, split: str, split_yaml: Path, out: Pat
     return results
 
 
+def _probes(name: str, out: Path, split_yaml: Path, sizes: DemoSizes) -> list[dict]:
+    """`moelpr.demo.probes.router_probes` of one MoE row on the validation pages (reused by reruns)."""
+    from moelpr.data.corpus import iter_documents, load_corpora
+    from moelpr.demo.probes import router_probes
+    from moelpr.evaluate import load_model_and_tokenizer
+    from moelpr.utils.atomic import atomic_write_json
+
+    path = out / "eval" / "validation" / f"probes_{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tokenizer = load_model_and_tokenizer(out / "models" / name, dtype="float32", device="cpu")
+    corpora = load_corpora(split_yaml)
+    texts = {c.language: list(iter_documents(c)) for c in corpora}
+    results = router_probes(model, tokenizer, texts, {c.language: c.role for c in corpora},
+                            max_tokens=sizes.eval_tokens_per_language, context_len=sizes.cutoff_len,
+                            num_experts=sizes.num_experts)
+    atomic_write_json(path, results)
+    return results
+
+
 def _change(value: float, ref: float | None) -> str:
     return f" ({100 * (value - ref) / ref:+.1f}%)" if ref else ""
 
@@ -320,7 +353,10 @@ def _figures(out: Path, results: dict) -> list[str]:
              for p in sweeps["gamma"]]
     review = [SweepPoint(p["review_tokens"], f"{p['review_tokens']:,}", *avg(p["validation"]),
                          default=p["run"] == "moe_lpr") for p in sweeps["review"]]
-    drawn = {"router_expert0_layers.png": figure_router_layers([methods[n] for n in ROUTER_ROWS if n in methods]),
+    ceilings = {name: [layer["lpr_only"]["mean_p0_old"] for layer in probes]
+                for name, probes in results["probes"].items()}
+    drawn = {"router_expert0_layers.png": figure_router_layers([methods[n] for n in ROUTER_ROWS if n in methods],
+                                                               ceilings=ceilings),
              "review_curve.png": figure_review_curve(review, refs),
              "gamma_tradeoff.png": figure_gamma_tradeoff(gamma, refs, tolerance=OLD_TOLERANCE)}
     for name, png in drawn.items():
@@ -461,8 +497,9 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
     for name in METHODS:
         if name == "layermoe":
             timed(name, "allocate", lambda: _layermoe_allocation(out, sizes_))
-            timed(name, "train_stage1", lambda: _train("layermoe_stage1", plans["layermoe_stage1"], out, sizes_,
-                                                       seed=seed, precision=settings["precision"], progress=progress))
+        for first in PREREQUISITES.get(name, ()):
+            timed(name, "train_stage1", lambda: _train(first, plans[first], out, sizes_, seed=seed,
+                                                       precision=settings["precision"], progress=progress))
         split_results = run(name, name, SPLITS)
         evals[name] = {**split_results["test"], "validation": split_results["validation"]}
         log(_line(name, evals[name], evals.get("base"), sum(timing[name].values())))
@@ -473,8 +510,9 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
         log(f"[demo] {name:<18} validation old ppl {sweep_evals[name]['avg']['old']['ppl']:8.2f}   "
             f"new ppl {sweep_evals[name]['avg']['new']['ppl']:8.2f}   {sum(timing[name].values()):6.1f}s")
 
+    probes = {"moe_lpr": timed("moe_lpr", "probes", lambda: _probes("moe_lpr", out, split_files["validation"], sizes_))}
     experts = {name: _expert_budget(out / "models" / name) for name in ("moe_lpr", "layermoe")}
-    results = {"languages": langs, "methods": evals, "experts": experts,
+    results = {"languages": langs, "methods": evals, "experts": experts, "probes": probes,
                "sweeps": _sweep_points(sizes_, mix, evals, sweep_evals), "settings": settings, "data": mix,
                "pretrain": pretrain_stats, "timing": timing}
     _report(out, results, settings, mix, pretrain_stats, timing)

@@ -53,11 +53,14 @@ class DemoSizes:
     top_k: int = 2
     lora_rank: int = 8
     llama_pro_blocks: int = 2
+    loramoe_experts: int = 8  # the paper: 8 LoRA experts of rank 180 on a 2,048-wide model
+    loramoe_rank: int = 12  # 180 / 2,048 of the width
     # stage 2 (review): old-language replay = replay_fraction of the stage-1 tokens, new = 2× that (paper 1:2)
     replay_fraction: float = 0.01
     stage2_epochs: int = 2
     stage2_lr: float = 1e-2  # routers only (0.06 % of the weights)
     lpr_loss_coef: float = 0.1
+    lpr_loss_reduction: str = "mean"  # "mean" over (layer, old token) pairs (official code) or "sum" (the paper)
     # LayerMoE (same data, steps and learning rates as MoE-LPR): similarity measured on the base with this many
     # review tokens per language; budget δ of the allocation (expert 0 counted, ≥ 2 × layers); classifiers on
     # the `classifier_top_k` most similar layers (the paper: 7 of 24 layers ≈ 1 of 4)
@@ -79,7 +82,9 @@ QUICK = DemoSizes(max_pages_per_language=24, vocab_size=1024, hidden_size=64, nu
                   stage1_steps=12, replay_fraction=0.25, stage2_epochs=2, eval_tokens_per_language=400,
                   similarity_tokens=400, layermoe_budget=5, review_scales=(0.5, 1.0), gamma_sweep=(1.0,))
 """The CI smoke run: the same pipeline at toy sizes; its numbers show that everything runs, not the paper's claims."""
-SIZES = {"default": FULL, "quick": QUICK}
+LARGE = dataclasses.replace(FULL, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4)
+"""About 5x the default's non-embedding parameters: does the gap to the paper shrink with scale? (docs/demo.md)."""
+SIZES = {"default": FULL, "large": LARGE, "quick": QUICK}
 """The presets `--sizes` picks from (`--quick` = `--sizes quick`)."""
 
 

@@ -290,11 +290,16 @@ def figure_review_data(methods: Sequence[MethodResult]) -> bytes | None:
     return data
 
 
-def figure_router_layers(methods: Sequence[MethodResult]) -> bytes | None:
+def figure_router_layers(methods: Sequence[MethodResult],
+                         ceilings: Mapping[str, Sequence[float]] | None = None) -> bytes | None:
     """Figure 3 extended: expert 0's router probability per MoE layer and per language, one panel per method.
 
     Old languages solid (circles), new dashed (triangles), one colour per language in every panel; the mean
     over the old languages is written at each layer, as the number the LPR loss pushes towards 1.
+
+    Args:
+        ceilings: method → per layer, the highest mean old-language probability any router of this form could
+            reach on that method's inputs (moelpr.demo.probes), drawn as a black dotted line.
     """
     series = [m for m in methods if m.routing]
     if not series:
@@ -316,10 +321,14 @@ def figure_router_layers(methods: Sequence[MethodResult]) -> bytes | None:
                     probs = [row[0] for row in m.routing[lang]["mean_prob"]]
                     ax.plot(layers[: len(probs)], probs, style, marker=marker, ms=4, color=colors[lang],
                             label=f"{lang} ({role})")
+        ceiling = (ceilings or {}).get(m.name)
+        if ceiling:
+            ax.plot(layers[: len(ceiling)], ceiling, ":", color="black", lw=1.5,
+                    label="ceiling: best bias-free linear router (old tokens)")
         old = m.expert0_prob("old")
         for layer, value in zip(layers, old or []):
             ax.annotate(f"{value:.2f}", (layer, value), textcoords="offset points", xytext=(0, 7), ha="center",
-                        fontsize=8, fontweight="bold")
+                        fontsize=8, fontweight="bold", bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
         ax.set_title(m.name, fontsize=10)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -329,8 +338,10 @@ def figure_router_layers(methods: Sequence[MethodResult]) -> bytes | None:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("router probability of expert 0\n(the frozen original FFN)")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    legend = {}
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(legend.values()), list(legend), loc="outside right center", fontsize=8)
     fig.suptitle("Routing to the original expert per layer: old (solid) vs new (dashed) languages\n"
                  "numbers: mean over the old languages (validation pages)", fontsize=10)
     data = _png(fig)
