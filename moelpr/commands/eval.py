@@ -1,10 +1,12 @@
 """`moe-lpr eval`: per-language perplexity, bits per byte and routing statistics on held-out corpora.
 
     moe-lpr eval --model runs/stage2 --corpora heldout.yaml --output results/stage2.json \
-        [--max-docs N] [--max-tokens N] [--batch-size 8] [--dtype float32|bfloat16] [--device cpu|cuda]
+        [--max-docs N] [--max-tokens N] [--batch-size 8] [--dtype float32|bfloat16] [--precision fp32|bf16] \
+        [--device cpu|cuda]
 
 Documents are scored one by one exactly as `lm_eval --model moelpr` scores a `loglikelihood_rolling` task
-(see moelpr/evaluate/perplexity.py), so both agree on the same text.
+(see moelpr/evaluate/perplexity.py), so both agree on the same text. `--dtype` is the weights' dtype;
+`--precision bf16` runs the forward pass under bf16 autocast over them, as bf16 mixed-precision training does.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="window length (default: the model's context, as lm-eval resolves it)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="float32",
                         help="weights dtype (default float32)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32, or bf16 autocast over the weights as bf16 mixed-precision training (default fp32)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--method", default=None, help="name stored as results['method'] (default: the file stem)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
     results = evaluate_corpora(model, tokenizer, corpora, batch_size=args.batch_size, max_docs=args.max_docs,
                                max_tokens=args.max_tokens, context_len=args.context_len,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, precision=args.precision)
     results = {"method": args.method or Path(args.output).stem, "model": str(args.model), **results}
     atomic_write_json(args.output, results)
     avg = results["avg"]

@@ -264,8 +264,8 @@ def _expert_budget(model_dir: Path) -> dict[str, Any]:
 
 # ---- evaluation and report ---------------------------------------------------------------------------------------
 
-def _evaluate(name: str, model_dir: Path, split: str, split_yaml: Path, out: Path, sizes: DemoSizes,
-              progress: bool) -> dict:
+def _evaluate(name: str, model_dir: Path, split: str, split_yaml: Path, out: Path, sizes: DemoSizes, *,
+              precision: str, progress: bool) -> dict:
     from moelpr.data.corpus import load_corpora
     from moelpr.evaluate import load_model_and_tokenizer
     from moelpr.evaluate.perplexity import evaluate_corpora
@@ -277,7 +277,7 @@ def _evaluate(name: str, model_dir: Path, split: str, split_yaml: Path, out: Pat
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device="cpu")
     results = evaluate_corpora(model, tokenizer, load_corpora(split_yaml), batch_size=sizes.eval_batch_size,
                                max_tokens=sizes.eval_tokens_per_language, context_len=sizes.cutoff_len,
-                               progress=progress)
+                               progress=progress, precision=precision)
     results = {"method": name, "split": split, "model": str(model_dir), **results}
     atomic_write_json(path, results)
     return results
@@ -384,7 +384,7 @@ def _report(out: Path, results: dict, settings: dict, mix: dict, pretrain: dict,
         f"{sizes['hidden_size']} wide, vocabulary {sizes['vocab_size']}, context {sizes['cutoff_len']}, pretrained on "
         f"the old languages plus {100 * pretrain['new_share']:.1f}% new-language bytes "
         f"({100 * mix['base_new_token_share']:.1f}% of its tokens) from pages no later run sees; precision "
-        f"{settings['precision']}; seed {settings['seed']}; sizes {settings['preset']}.",
+        f"{settings['precision']} (training and evaluation); seed {settings['seed']}; sizes {settings['preset']}.",
         f"Stage 1 / baselines: {mix['stage1_tokens']:,} new-language tokens; replay {mix['replay_tokens']:,} "
         f"old-language tokens ({100 * mix['replay_tokens'] / max(1, mix['stage1_tokens']):.1f}% of stage 1); review "
         f"{mix['review_tokens']:,} tokens. Evaluation: the first {sizes['eval_tokens_per_language']:,} tokens per "
@@ -436,7 +436,8 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
             pages (all three or none).
         seed: seeds the corpus split, initialisation, data order and routers.
         languages_old / languages_new: man-page languages (ignored with `corpora`, which carries its own).
-        precision: "auto" (bf16 only on CPUs with native bf16 matmuls), "fp32" or "bf16" for training.
+        precision: "auto" (bf16 only on CPUs with native bf16 matmuls), "fp32" or "bf16", for training (bf16
+            mixed precision) and evaluation (bf16 autocast) alike.
         overwrite: start again in an `output_dir` that holds a demo run made with other settings.
         progress: progress bars.
         custom_sizes: sizes to use instead of the preset's (experiments and tests; recorded as preset "custom").
@@ -490,8 +491,9 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
     def run(name: str, step: str, splits: tuple[str, ...]) -> dict[str, dict]:
         model_dir = timed(step, "train", lambda: _train(name, plans[name], out, sizes_, seed=seed,
                                                          precision=settings["precision"], progress=progress))
-        return {split: timed(step, f"eval_{split}", lambda: _evaluate(name, model_dir, split, split_files[split],
-                                                                        out, sizes_, progress)) for split in splits}
+        return {split: timed(step, f"eval_{split}", lambda: _evaluate(
+            name, model_dir, split, split_files[split], out, sizes_, precision=settings["precision"], progress=progress))
+            for split in splits}
 
     evals: dict[str, dict] = {}
     for name in METHODS:

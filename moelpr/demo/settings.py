@@ -98,6 +98,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
+    """The precision to run: `auto` is bf16 where the CPU has native bf16 (`cpu_has_native_bf16`), else fp32."""
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
     if precision == "auto":

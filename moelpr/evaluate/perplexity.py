@@ -11,6 +11,11 @@ model (`moelpr.evaluate.harness`), so both report the same numbers on the same t
 
 ppl = exp(nll / tokens) and bits per byte = nll / (ln 2 · UTF-8 bytes), with nll in nats summed over the
 language's documents (lm-eval's `bits_per_byte` aggregate is the same ratio).
+
+Precision: "fp32", or "bf16" = the forward pass under bf16 autocast with the weights as loaded, the numerics
+of bf16 mixed-precision training (`bf16: true` in a recipe), so a model is scored the way it was trained.
+(bf16 *weights*, `load_model(dtype=torch.bfloat16)`, would round the saved float32 weights: another model.)
+The log-probabilities are always taken in float32.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from moelpr.evaluate.routing import RoutingSums, routing_sums
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM._DEFAULT_MAX_LENGTH
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
 _ROLES = ("old", "new")
+PRECISIONS = ("fp32", "bf16")
 
 
 def prefix_token_id(tokenizer) -> int | None:
@@ -110,7 +116,8 @@ def _moe_info(model) -> tuple[list[int], int] | None:
 
 
 @torch.inference_mode()
-def _score_batch(model, windows: Sequence[_Window], pad_id: int, top_k: int | None) -> tuple[float, RoutingSums]:
+def _score_batch(model, windows: Sequence[_Window], pad_id: int, top_k: int | None,
+                 precision: str) -> tuple[float, RoutingSums]:
     """Summed nll (nats) of the scored predictions of `windows`, and routing sums when `top_k` is given."""
     device = next(model.parameters()).device
     width = max(len(w.seq) - 1 for w in windows)
@@ -130,7 +137,8 @@ def _score_batch(model, windows: Sequence[_Window], pad_id: int, top_k: int | No
     routed[[i for i, w in enumerate(windows) if w.first], 0] = False
 
     extra = {"output_router_logits": True} if top_k is not None else {}
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, **extra)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, **extra)
     nll = 0.0
     for i in range(len(windows)):  # row by row: one float32 (S, V) copy of the logits at a time
         row_nll = F.cross_entropy(out.logits[i].float(), targets[i].to(device), reduction="none")  # (S,)
@@ -162,9 +170,11 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 class _Scorer:
     """Turns one language's documents into windows and scores them in length-sorted batches."""
 
-    def __init__(self, model, tokenizer, *, prefix: int | None, max_len: int, batch_size: int, top_k: int | None):
+    def __init__(self, model, tokenizer, *, prefix: int | None, max_len: int, batch_size: int, top_k: int | None,
+                 precision: str):
         self.model, self.tokenizer = model, tokenizer
         self.prefix, self.max_len, self.batch_size, self.top_k = prefix, max_len, batch_size, top_k
+        self.precision = precision
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (prefix or 0)
 
     def language(self, docs: Iterable[str], *, max_docs: int | None, max_tokens: int | None,
@@ -200,7 +210,7 @@ class _Scorer:
         buffer.sort(key=lambda w: len(w.seq), reverse=True)  # less padding per batch
         for start in range(0, len(buffer), self.batch_size):
             batch = buffer[start : start + self.batch_size]
-            nll, sums = _score_batch(self.model, batch, self.pad_id, self.top_k)
+            nll, sums = _score_batch(self.model, batch, self.pad_id, self.top_k, self.precision)
             acc.nll += nll
             acc.routing = acc.routing + sums
             on_scored(sum(w.n_pred for w in batch))
@@ -218,6 +228,7 @@ def evaluate_texts(
     max_tokens: int | None = None,
     context_len: int | None = None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict:
     """Score documents per language; the engine of `evaluate_corpora` (which documents `texts` and the output).
 
@@ -237,6 +248,8 @@ def evaluate_texts(
                         ("context_len", context_len)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose {' or '.join(PRECISIONS)}")
     prefix = prefix_token_id(tokenizer)
     max_len = context_len or context_length(model, tokenizer)
     moe = _moe_info(model)
@@ -244,7 +257,8 @@ def evaluate_texts(
     was_training = model.training
     model.eval()
 
-    scorer = _Scorer(model, tokenizer, prefix=prefix, max_len=max_len, batch_size=batch_size, top_k=top_k)
+    scorer = _Scorer(model, tokenizer, prefix=prefix, max_len=max_len, batch_size=batch_size, top_k=top_k,
+                     precision=precision)
     totals: dict[str, _LanguageTotals] = {}
     try:
         for lang, docs in texts.items():
@@ -254,7 +268,7 @@ def evaluate_texts(
                 raise UserError(f"no held-out text for language {lang!r}: its corpora yielded no non-empty document")
     finally:
         model.train(was_training)
-    return _results(totals, roles, max_len, moe)
+    return {**_results(totals, roles, max_len, moe), "precision": precision}
 
 
 def _results(totals: Mapping[str, _LanguageTotals], roles: Mapping[str, str], max_len: int,
@@ -295,6 +309,7 @@ def evaluate_corpora(
     max_tokens: int | None = None,
     context_len: int | None = None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict:
     """Per-language perplexity, bits per byte and (MoE models) routing statistics on `corpora`.
 
@@ -306,12 +321,13 @@ def evaluate_corpora(
         max_docs / max_tokens: caps per language (the document crossing `max_tokens` is truncated).
         context_len: window length (default: the model's context, as lm-eval resolves it).
         progress: show a tqdm bar per language.
+        precision: "fp32", or "bf16" (bf16 autocast over the loaded weights, as bf16 mixed-precision training).
 
     Returns:
         `{"ppl": {lang: float}, "bpb": {lang: float}, "tokens": {lang: int}, "bytes", "docs", "nll",
         "avg": {"old": {"ppl", "bpb"}, "new": {...}}, "languages": {"old": [...], "new": [...]},
-        "context_len": int}` plus, for an MoE model, `"routing": {lang: {"mean_prob": [[per expert] per MoE
-        layer], "top_k_has_expert0": [per MoE layer], "layers": [layer indices], "tokens": int}}`.
+        "context_len": int, "precision": str}` plus, for an MoE model, `"routing": {lang: {"mean_prob": [[per
+        expert] per MoE layer], "top_k_has_expert0": [per MoE layer], "layers": [layer indices], "tokens": int}}`.
     """
     from moelpr.data.corpus import iter_documents
 
@@ -326,4 +342,4 @@ def evaluate_corpora(
         raise UserError("the corpora list is empty; give at least one corpus with held-out text")
     texts = {lang: chain.from_iterable(iter_documents(c) for c in group) for lang, group in by_language.items()}
     return evaluate_texts(model, tokenizer, texts, roles, batch_size=batch_size, max_docs=max_docs,
-                          max_tokens=max_tokens, context_len=context_len, progress=progress)
+                          max_tokens=max_tokens, context_len=context_len, progress=progress, precision=precision)

@@ -27,7 +27,16 @@ SAVE_FORMATS = ("delta", "full")
 
 @dataclass(kw_only=True)
 class Recipe:
-    """One training run: MoE-LPR stage 1 or 2, or a baseline (full fine-tuning, LoRA, LLaMA-Pro)."""
+    """One training run: MoE-LPR stage 1 or 2, or a baseline (full fine-tuning, LoRA, LLaMA-Pro).
+
+    Restarting (`moelpr.train.resume`): the same recipe run again after its run was killed resumes from the last
+    complete checkpoint in `output_dir/checkpoints/` (a partial one, killed while writing, is skipped with a
+    warning; if none is complete the run starts again). `overwrite: true` starts again instead, removing those
+    checkpoints. `resume_from_checkpoint` (a TrainingArguments field) makes it explicit: `true` = the last complete
+    checkpoint, which must exist; a `checkpoint-N` path = that one; `false` = never resume, so checkpoints of an
+    earlier run are refused (set `overwrite: true` to start again). A finished run (a trained model in
+    output_dir) is not resumed: the command stops unless `overwrite: true` is set.
+    """
 
     model: str
     """Dense model directory (stage 1 and baselines), or a stage-1 output directory (stage 2)."""
@@ -90,7 +99,8 @@ class Recipe:
     """"full" (default: every weight plus the model code beside config.json, so stock transformers / lm-eval load
     it with trust_remote_code) or "delta" (moe only: the MoE weights plus the base's path; loads with moelpr)."""
     overwrite: bool = False
-    """Replace an output directory that already holds a trained model or checkpoints."""
+    """Start again: replace a trained model in output_dir and remove the checkpoints of an earlier run (without
+    it, the same recipe resumes a killed run from its last complete checkpoint)."""
     on_bad_record: str = "error"
     """Malformed corpus records: "error" (stop, naming file and line) or "skip"."""
     cache_dir: str | None = None

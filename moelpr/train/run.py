@@ -48,8 +48,8 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
 
     # ---- setup: output directory, model, trainable set, data --------------------------------------------
     out_dir = recipe.output_dir
-    resume = _resume_point(recipe, out_dir)
     args = _training_arguments(recipe, out_dir / CHECKPOINTS)
+    resume = _resume_point(recipe, out_dir, args)
     tokenizer = _load_tokenizer(recipe.model, AutoTokenizer)
     corpora = load_corpora(recipe.corpora)
     set_seed(args.seed)  # the router initialisation (and LoRA / LLaMA-Pro init) is random
@@ -182,29 +182,13 @@ def _load_tokenizer(model_dir: str, auto_tokenizer):
     return tokenizer
 
 
-def _resume_point(recipe: Recipe, out_dir: Path) -> str | None:
-    """Check the output directory and resolve `resume_from_checkpoint` (true → the last checkpoint)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _resume_point(recipe: Recipe, out_dir: Path, args) -> str | None:
+    """The checkpoint to resume from, or None (see `moelpr.train.resume.resume_point`)."""
+    from moelpr.train.resume import resume_point
 
-    resume = recipe.training_args.get("resume_from_checkpoint")
-    ckpt_dir = out_dir / CHECKPOINTS
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output_dir {out_dir} exists and is not a directory; choose another")
-    if resume in (None, False, "", "false"):
-        if (out_dir / "config.json").exists() and not recipe.overwrite:
-            raise UserError(f"output_dir {out_dir} already holds a trained model; choose another or set overwrite: true")
-        if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not recipe.overwrite:
-            raise UserError(f"output_dir {out_dir} holds checkpoints of an earlier run; set resume_from_checkpoint: true "
-                            "to continue it, or overwrite: true to start again")
-        return None
-    if resume is True or str(resume).lower() == "true":
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if last is None:
-            raise UserError(f"resume_from_checkpoint: true but {ckpt_dir} holds no checkpoint-N directory")
-        return last
-    if not (Path(resume) / "trainer_state.json").is_file():
-        raise UserError(f"resume_from_checkpoint {resume} is not a Trainer checkpoint (no trainer_state.json)")
-    return str(resume)
+    finished = (out_dir / "config.json").is_file() or (out_dir / METRICS_FILE).is_file()
+    return resume_point(recipe.training_args, out_dir, out_dir / CHECKPOINTS, overwrite=recipe.overwrite,
+                        finished=finished, main_process=args.local_process_index == 0)
 
 
 def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
@@ -217,11 +201,21 @@ def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
     kwargs["remove_unused_columns"] = False  # keep lang_mask / lang_group for the collator and the LPR loss
     kwargs.setdefault("ddp_find_unused_parameters", False)  # fused experts: every parameter is used
     kwargs.setdefault("report_to", "none")
+    if "use_cpu" not in kwargs and not _has_accelerator():
+        kwargs["use_cpu"] = True  # bf16 on CPU needs it (autocast, float32 master weights); no pinned memory
     try:
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"invalid training arguments: {first}") from None
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees any accelerator (CUDA, ROCm, MPS, XPU, HPU, NPU, ...) or a TPU."""
+    import torch
+    from transformers.utils import is_torch_xla_available
+
+    return torch.accelerator.is_available() or is_torch_xla_available()
 
 
 def _convergence_warning(convergence: dict) -> str:
