@@ -303,6 +303,33 @@ def _probes(name: str, out: Path, split_yaml: Path, sizes: DemoSizes) -> list[di
     return results
 
 
+def _dense_layer_effects(name: str, out: Path, split_yaml: Path, sizes: DemoSizes, precision: str) -> list[dict]:
+    """Where the remaining forgetting sits: the row re-evaluated on validation with one MoE layer at a time
+    replaced by its expert 0 (the original FFN, as if every token were routed there alone)."""
+    from moelpr.data.corpus import load_corpora
+    from moelpr.evaluate import load_model_and_tokenizer
+    from moelpr.evaluate.perplexity import evaluate_corpora
+    from moelpr.model.arch import decoder_layers
+    from moelpr.utils.atomic import atomic_write_json
+
+    path = out / "eval" / "validation" / f"dense_layer_{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tokenizer = load_model_and_tokenizer(out / "models" / name, dtype="float32", device="cpu")
+    corpora = load_corpora(split_yaml)
+    effects = []
+    for layer in list(model.config.moe_layers):
+        mlp = decoder_layers(model.lm)[layer].mlp
+        decoder_layers(model.lm)[layer].mlp = mlp.original
+        res = evaluate_corpora(model, tokenizer, corpora, batch_size=sizes.eval_batch_size,
+                               max_tokens=sizes.eval_tokens_per_language, context_len=sizes.cutoff_len,
+                               progress=False, precision=precision)
+        decoder_layers(model.lm)[layer].mlp = mlp
+        effects.append({"layer": layer, "avg": res["avg"], "ppl": res["ppl"], "bpb": res["bpb"]})
+    atomic_write_json(path, effects)
+    return effects
+
+
 def _change(value: float, ref: float | None) -> str:
     return f" ({100 * (value - ref) / ref:+.1f}%)" if ref else ""
 
@@ -355,6 +382,13 @@ def _figures(out: Path, results: dict) -> list[str]:
                          default=p["run"] == "moe_lpr") for p in sweeps["review"]]
     ceilings = {name: [layer["lpr_only"]["mean_p0_old"] for layer in probes]
                 for name, probes in results["probes"].items()}
+    from moelpr.demo.diagnosis import TRAINS_EMBEDDINGS
+    from moelpr.evaluate.report import figure_old_vs_new
+
+    test_rows = load_results(out / "results.json")
+    groups = {m.name: "base" if m.name == "base" else "trains embeddings + LM head" if m.name in TRAINS_EMBEDDINGS
+              else "embeddings + LM head frozen" for m in test_rows}
+    atomic_write_bytes(out / "old_vs_new.png", figure_old_vs_new(test_rows, groups=groups))  # test pages
     drawn = {"router_expert0_layers.png": figure_router_layers([methods[n] for n in ROUTER_ROWS if n in methods],
                                                                ceilings=ceilings),
              "review_curve.png": figure_review_curve(review, refs),
@@ -367,6 +401,7 @@ def _figures(out: Path, results: dict) -> list[str]:
 
 def _report(out: Path, results: dict, settings: dict, mix: dict, pretrain: dict, timing: dict) -> None:
     from moelpr.demo.claims import check_claims, claims_markdown
+    from moelpr.demo.diagnosis import diagnosis_markdown
     from moelpr.evaluate.report import render_report
     from moelpr.utils.atomic import atomic_write_json, atomic_write_text
 
@@ -392,6 +427,7 @@ def _report(out: Path, results: dict, settings: dict, mix: dict, pretrain: dict,
         "`results.json` → `methods.<m>.validation`, the sweeps). "
         f"Time: {total:.0f} s for the steps run in this invocation or earlier ones (timing.json).", "",
         claims_markdown(results["claims"]),
+        diagnosis_markdown(results),
         _experts_markdown(results["experts"]),
         "## Validation figures", "", *[f"![{name}]({name})" for name in figures], "",
     ]
@@ -513,8 +549,11 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
             f"new ppl {sweep_evals[name]['avg']['new']['ppl']:8.2f}   {sum(timing[name].values()):6.1f}s")
 
     probes = {"moe_lpr": timed("moe_lpr", "probes", lambda: _probes("moe_lpr", out, split_files["validation"], sizes_))}
+    dense_layer = {"moe_lpr": timed("moe_lpr", "dense_layer", lambda: _dense_layer_effects(
+        "moe_lpr", out, split_files["validation"], sizes_, settings["precision"]))}
     experts = {name: _expert_budget(out / "models" / name) for name in ("moe_lpr", "layermoe")}
     results = {"languages": langs, "methods": evals, "experts": experts, "probes": probes,
+               "dense_layer": dense_layer,
                "sweeps": _sweep_points(sizes_, mix, evals, sweep_evals), "settings": settings, "data": mix,
                "pretrain": pretrain_stats, "timing": timing}
     _report(out, results, settings, mix, pretrain_stats, timing)

@@ -205,11 +205,14 @@ def _place_labels(fig, ax, points: Mapping[tuple[float, float], list[str]]) -> N
         placed.append(text.get_window_extent(renderer))
 
 
-def figure_old_vs_new(methods: Sequence[MethodResult]) -> bytes | None:
+def figure_old_vs_new(methods: Sequence[MethodResult], groups: Mapping[str, str] | None = None) -> bytes | None:
     """Figure 1: average old- vs new-language bits per byte, one labelled point per method.
 
     Dashed lines through the base split the plane: a method below and left of both learned the new
     languages and kept the old ones. Methods on the same point share one label.
+
+    Args:
+        groups: method → group name; the points are coloured by group, with a legend (default: one colour each).
     """
     points: dict[tuple[float, float], list[str]] = {}
     for m in methods:
@@ -225,8 +228,15 @@ def figure_old_vs_new(methods: Sequence[MethodResult]) -> bytes | None:
     if bx is not None and by is not None:
         ax.axvline(bx, color="0.6", ls="--", lw=0.8)
         ax.axhline(by, color="0.6", ls="--", lw=0.8)
-    for (x, y) in points:
-        ax.scatter([x], [y], s=45, zorder=3)
+    group_names = list(dict.fromkeys((groups or {}).values()))
+    for (x, y), names in points.items():
+        group = (groups or {}).get(names[0])
+        color = f"C{group_names.index(group)}" if group in group_names else None
+        ax.scatter([x], [y], s=45, zorder=3, color=color)
+    for i, group in enumerate(group_names):
+        ax.scatter([], [], s=45, color=f"C{i}", label=group)
+    if group_names:
+        ax.legend(fontsize=8, loc="upper right")
     ax.margins(0.25)
     _place_labels(fig, ax, points)
     ax.annotate("better", xy=(0.04, 0.04), xytext=(0.2, 0.2), xycoords="axes fraction", fontsize=9, color="0.35",
