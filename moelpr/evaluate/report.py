@@ -370,11 +370,11 @@ class SweepPoint:
     default: bool = False
 
 
-def _sweep_refs(ax, refs: Mapping[str, tuple[float, float]], index: int, style: Mapping[str, str]) -> None:
+def _sweep_refs(ax, refs: Mapping[str, tuple[float, float]], index: int) -> None:
+    """Horizontal reference lines (the base dashed, others dotted), named in the legend with their values."""
     for name, values in refs.items():
-        ax.axhline(values[index], color="0.4", ls=style.get(name, ":"), lw=0.9)
-        ax.annotate(name, (1.0, values[index]), xycoords=("axes fraction", "data"), xytext=(-4, 3),
-                    textcoords="offset points", ha="right", fontsize=8, color="0.3")
+        ax.axhline(values[index], color="0.4", ls="--" if name == "base" else ":", lw=1.0,
+                   label=f"{name}: {values[index]:.2f}")
 
 
 def figure_review_curve(points: Sequence[SweepPoint], refs: Mapping[str, tuple[float, float]]) -> bytes | None:
@@ -389,7 +389,6 @@ def figure_review_curve(points: Sequence[SweepPoint], refs: Mapping[str, tuple[f
     pts = sorted(points, key=lambda p: p.x)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True, layout="constrained")
-    styles = {"base": "--"}
     for ax, index, attr, title in ((axes[0], 0, "old_ppl", "old languages: mean perplexity"),
                                    (axes[1], 1, "new_bpb", "new languages: mean bits per byte")):
         ys = [getattr(p, attr) for p in pts]
@@ -399,11 +398,11 @@ def figure_review_curve(points: Sequence[SweepPoint], refs: Mapping[str, tuple[f
                         xytext=(0, 7), ha="center", fontsize=8, fontweight="bold" if p.default else "normal")
             if p.default:
                 ax.scatter([p.x], [y], s=140, facecolors="none", edgecolors="C3", zorder=4, label="the default")
-        _sweep_refs(ax, refs, index, styles)
+        _sweep_refs(ax, refs, index)
         ax.set_title(title + " (lower is better)", fontsize=10)
         ax.set_xlabel("review (stage-2) tokens, old:new = 1:2")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="center right")
+        ax.legend(fontsize=8, loc="center right", framealpha=0.9)
     fig.suptitle("Effect of the amount of review data (validation pages)", fontsize=11)
     data = _png(fig)
     plt.close(fig)
@@ -424,8 +423,12 @@ def figure_gamma_tradeoff(points: Sequence[SweepPoint], refs: Mapping[str, tuple
     pts = sorted(points, key=lambda p: p.x)
     base_old = refs["base"][0]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     change = [100 * (p.old_ppl - base_old) / base_old for p in pts]
+    xs = [p.new_bpb for p in pts] + [refs["base"][1]]
+    ys = change + [0.0, 100 * tolerance, -100 * tolerance]
+    pad_x, pad_y = 0.25 * (max(xs) - min(xs) or 0.1), 0.25 * (max(ys) - min(ys) or 1.0)
+    xlim, ylim = (min(xs) - pad_x, max(xs) + pad_x), (min(ys) - pad_y, max(ys) + pad_y)
     ax.axhspan(-100 * tolerance, 100 * tolerance, color="C2", alpha=0.12, label=f"within {tolerance:.0%} of the base")
     ax.plot([p.new_bpb for p in pts], change, marker="o", color="C0", label="MoE-LPR stage 2, γ varied")
     for p, y in zip(pts, change):
@@ -433,14 +436,22 @@ def figure_gamma_tradeoff(points: Sequence[SweepPoint], refs: Mapping[str, tuple
             ax.scatter([p.new_bpb], [y], s=140, facecolors="none", edgecolors="C3", zorder=4, label="the default γ")
     for i, (name, (old, bpb)) in enumerate(refs.items()):
         y = 100 * (old - base_old) / base_old
-        ax.scatter([bpb], [y], marker="s", color=f"C{i + 4}", zorder=3, label=f"{name} ({y:+.1f}%, {bpb:.2f})")
+        label = f"{name} ({y:+.1f}%, {bpb:.2f} bpb)"
+        inside = xlim[0] <= bpb <= xlim[1] and ylim[0] <= y <= ylim[1]
+        if not inside:  # far references (full fine-tuning) would squash the curve: an arrow at the edge instead
+            edge = (min(max(bpb, xlim[0]), xlim[1]), min(max(y, ylim[0]), ylim[1]))
+            ax.annotate(f"{label}, off the chart", edge, xytext=(0.5 * (edge[0] + xlim[1]), 0.9 * ylim[1]),
+                        fontsize=8, color=f"C{i + 4}", arrowprops={"arrowstyle": "->", "color": f"C{i + 4}"})
+            label += " (off the chart)"
+        ax.scatter([bpb], [y], marker="s", color=f"C{i + 4}", zorder=3, label=label)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_xlabel("new languages: mean bits per byte (lower is better)")
     ax.set_ylabel("old languages: mean perplexity change against the base (%)")
     ax.set_title("The LPR trade-off as γ varies (validation pages)", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    ax.margins(0.15)
+    ax.legend(fontsize=8, loc="lower left")
     _place_labels(fig, ax, {(p.new_bpb, y): [f"{p.label}: {y:+.1f}%"] for p, y in zip(pts, change)})
     data = _png(fig)
     plt.close(fig)
