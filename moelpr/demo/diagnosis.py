@@ -5,7 +5,7 @@ Two measured factors, each with the figure that shows it:
 - **Frozen embeddings and LM head** (claims 4 and 6): the new-language gain of every row as a share of full
   fine-tuning's, the rows that train the embeddings and the LM head (`TRAINS_EMBEDDINGS`) beside those that keep
   them frozen, as MoE-LPR does (old_vs_new.png);
-- **Routing, per layer** (claim 3): for MoE-LPR on validation, expert 0's router probability on old and new
+- **Routing, per layer** (claim 3, shown whatever its outcome): for MoE-LPR on validation, expert 0's router probability on old and new
   tokens, the ceiling a bias-free linear router could reach on old tokens and how well it could tell the roles
   apart (moelpr.demo.probes), and the old-language perplexity change with that one layer replaced by expert 0
   alone (router_expert0_layers.png).
@@ -66,6 +66,8 @@ def _routing_section(results: dict[str, Any]) -> list[str]:
     val = results["methods"]["moe_lpr"]["validation"]
     base_old = _avg(results["methods"]["base"]["validation"], "ppl", "old")
     lpr_old = _avg(val, "ppl", "old")
+    base_new = _avg(results["methods"]["base"]["validation"], "bpb", "new")
+    lpr_gain = base_new - _avg(val, "bpb", "new")
     langs = results["languages"]
     probes = {p["layer"]: p for p in results["probes"]["moe_lpr"]}
     effects = {e["layer"]: e for e in results["dense_layer"]["moe_lpr"]}
@@ -75,15 +77,17 @@ def _routing_section(results: dict[str, Any]) -> list[str]:
         return sum(rows) / len(rows)
 
     layers = val["routing"][langs["old"][0]]["layers"]
-    lines = ["### Where MoE-LPR still forgets (claim 3; router_expert0_layers.png), validation pages", "",
+    lines = ["### Where MoE-LPR's remaining forgetting sits (claim 3; router_expert0_layers.png), validation pages", "",
              f"MoE-LPR's mean old-language perplexity: {100 * (lpr_old - base_old) / base_old:+.1f}% against the base.",
              "",
              "| layer | expert-0 prob, old | new | ceiling, old (bias-free linear router) | old/new separable "
-             "(balanced accuracy) | old ppl vs base with this layer dense (expert 0 alone) |",
-             "|---|---|---|---|---|---|"]
+             "(balanced accuracy) | with this layer dense (expert 0 alone): old ppl vs base | new-language gain "
+             "kept |", "|---|---|---|---|---|---|---|"]
     for i, layer in enumerate(layers):
         probe, effect = probes.get(layer), effects.get(layer)
-        dense = (f"{100 * (_avg(effect, 'ppl', 'old') - base_old) / base_old:+.1f}%" if effect else "–")
+        dense = (f"{100 * (_avg(effect, 'ppl', 'old') - base_old) / base_old:+.1f}% | "
+                 + (f"{(base_new - _avg(effect, 'bpb', 'new')) / lpr_gain:.0%}" if lpr_gain > 0 else "–")
+                 if effect else "– | –")
         lines.append(f"| {layer} | {p0(i, 'old'):.2f} | {p0(i, 'new'):.2f} | "
                      f"{probe['lpr_only']['mean_p0_old']:.2f} | {probe['separate']['balanced_accuracy']:.2f} | "
                      f"{dense} |" if probe else f"| {layer} | {p0(i, 'old'):.2f} | {p0(i, 'new'):.2f} | – | – | {dense} |")
@@ -96,14 +100,10 @@ def _routing_section(results: dict[str, Any]) -> list[str]:
 
 
 def diagnosis_markdown(results: dict[str, Any]) -> str:
-    """The section, or "" when every claim reproduced."""
+    """The section: the embeddings' part when claim 4 or 6 failed, the routing per layer always."""
     failed = {i for i, c in enumerate(results["claims"], start=1) if not c["reproduced"]}
-    if not failed:
-        return ""
-    lines = ["## What stops the claims that fail here", "",
+    lines = ["## What stops the claims that fail here" if failed else "## Where the remaining gaps sit", "",
              "Measured in this run (docs/demo.md explains each measurement and the readings (a)–(d)).", ""]
     if failed & {4, 6}:
         lines += _embedding_section(results)
-    if 3 in failed:
-        lines += _routing_section(results)
-    return "\n".join(lines)
+    return "\n".join(lines + _routing_section(results))

@@ -87,6 +87,9 @@ def test_quick_demo_writes_results_report_and_figures(quick_run):
     assert [p["layer"] for p in probes] == list(range(QUICK.num_layers))
     assert all(0 <= p["lpr_only"]["mean_p0_old"] <= 1 and 0.5 <= p["separate"]["balanced_accuracy"] <= 1
                for p in probes)
+    effects = results["dense_layer"]["moe_lpr"]
+    assert [e["layer"] for e in effects] == list(range(QUICK.num_layers))
+    assert "Where MoE-LPR's remaining forgetting sits" in report
     share = results["data"]["base_new_token_share"]
     assert 0 < share < 0.15 and results["pretrain"]["new_share"] <= QUICK.base_new_share  # a few per cent
     allocation = json.loads((out / "layermoe" / "allocation.json").read_text())
@@ -189,3 +192,16 @@ def test_user_corpora_errors(tmp_path, capsys):
     broken.write_text("- name: x\n  path: [unclosed\n")
     code, _, err = _demo(capsys, "--output", tmp_path / "c", "--quick", "--corpora", broken, *files)
     _one_line_error(code, err, "cannot parse")
+
+
+@needs_manpages
+def test_embedding_share_counts_the_base(quick_run):
+    import moelpr
+    from moelpr.demo.diagnosis import embedding_share
+
+    out, _, _ = quick_run
+    model = moelpr.load_model(out / "models" / "base")
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
+    sizes = json.loads((out / "demo_settings.json").read_text())["sizes"]
+    assert embedding_share(sizes) == pytest.approx(embeddings / total)
