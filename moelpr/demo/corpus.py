@@ -8,9 +8,9 @@ in every language.
 
 Output directory::
 
-    train/<lang>.jsonl  heldout/<lang>.jsonl   {"text": ...} per line, one line per man page
-    corpora.yaml  heldout.yaml                 corpora files (see docs/design.md, "Corpora")
-    corpus_stats.json                          per-language counts
+    train/<lang>.jsonl  validation/<lang>.jsonl  heldout/<lang>.jsonl   {"text": ...} per line, one line per page
+    corpora.yaml  validation.yaml  heldout.yaml   corpora files (see docs/design.md, "Corpora"); heldout = test
+    corpus_stats.json                             per-language counts
 """
 
 from __future__ import annotations
@@ -271,25 +271,34 @@ def check_languages(old: tuple[str, ...], new: tuple[str, ...]) -> None:
         raise UserError(f"languages must appear once, as old or new (got old={list(old)}, new={list(new)})")
 
 
-def _split(docs: list[tuple[str, str]], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Train and held-out texts of (page name, text) documents.
+def _split(docs: list[tuple[str, str]], heldout_fraction: float, validation_fraction: float,
+           seed: int) -> dict[str, list[str]]:
+    """Train, validation and held-out (test) texts of (page name, text) documents.
 
     Documents are visited in the order of a seeded hash of their page name (the same order in every
-    language) and held out while they fit in `heldout_fraction` of the characters, so a few huge pages
-    cannot unbalance the split. Both sides get at least one document when there are two.
+    language). The test split takes them while they fit in `heldout_fraction` of the characters, then the
+    validation split while they fit in `validation_fraction`, so a few huge pages cannot unbalance a split
+    and the test pages do not depend on `validation_fraction`. Every requested split gets at least one
+    document when there are enough, and train keeps at least one.
     """
     ranked = sorted(docs, key=lambda d: _unit_hash(f"split:{seed}:{d[0]}"))
-    budget = heldout_fraction * sum(len(t) for _, t in ranked)
-    held, train = [], []
-    for _, text in ranked:
-        fits = len(text) <= budget
-        (held if fits else train).append(text)
-        budget -= len(text) if fits else 0
-    if heldout_fraction > 0 and not held and len(train) >= 2:
-        held.append(train.pop(0))
-    if not train and len(held) >= 2:
-        train.append(held.pop())
-    return train, held
+    total = sum(len(t) for _, t in ranked)
+    splits: dict[str, list[str]] = {"heldout": [], "validation": [], "train": []}
+    rest = [text for _, text in ranked]
+    for name, fraction in (("heldout", heldout_fraction), ("validation", validation_fraction)):
+        budget, left = fraction * total, []
+        for text in rest:
+            fits = len(text) <= budget
+            (splits[name] if fits else left).append(text)
+            budget -= len(text) if fits else 0
+        if fraction > 0 and not splits[name] and len(left) >= 2:
+            splits[name].append(left.pop(0))
+        rest = left
+    splits["train"] = rest
+    for name in ("validation", "heldout"):
+        if not splits["train"] and len(splits[name]) >= 2:
+            splits["train"].append(splits[name].pop())
+    return splits
 
 
 def _cap(texts: list[str], max_chars: int | None) -> list[str]:
@@ -355,6 +364,7 @@ def build_manpage_corpus(
     languages_old: tuple[str, ...] = ("en", "es", "zh"),
     languages_new: tuple[str, ...] = ("tr", "hu", "uk"),
     heldout_fraction: float = 0.1,
+    validation_fraction: float = 0.0,
     max_docs_per_language: int | None = None,
     max_chars_per_language: int | None = None,
     seed: int = 0,
@@ -370,10 +380,12 @@ def build_manpage_corpus(
         out_dir: output directory, written atomically.
         languages_old: the original languages (role "old"); codes from `MANPAGE_SOURCES`.
         languages_new: the languages to add (role "new").
-        heldout_fraction: share of the characters held out for evaluation, as whole pages.
+        heldout_fraction: share of the characters held out for the test evaluation, as whole pages.
+        validation_fraction: share of the characters held out for validation (where settings are chosen),
+            as whole pages disjoint from the test pages; 0 writes no validation split.
         max_docs_per_language: render at most this many pages per language (a seeded hash sample).
-        max_chars_per_language: cap on training characters per language (held-out: this × the
-            held-out/train ratio); None keeps everything.
+        max_chars_per_language: cap on training characters per language (held-out and validation: this ×
+            their ratio to train); None keeps everything.
         seed: seeds the page sample and the train/held-out split.
         min_chars: narrower paragraphs are dropped (display columns: a CJK character counts 2).
         man_root: a tree laid out like /usr/share/man to read instead of the installed packages.
@@ -383,8 +395,11 @@ def build_manpage_corpus(
     """
     old, new = tuple(languages_old), tuple(languages_new)
     check_languages(old, new)
-    if not 0 <= heldout_fraction < 1:
-        raise UserError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    for name, fraction in (("heldout_fraction", heldout_fraction), ("validation_fraction", validation_fraction)):
+        if not 0 <= fraction < 1:
+            raise UserError(f"{name} must be in [0, 1), got {fraction}")
+    if heldout_fraction + validation_fraction >= 1:
+        raise UserError("heldout_fraction + validation_fraction must leave training text (sum below 1)")
     renderer = find_renderer(renderer)
     pages: list[ManPage] = []
     for lang in (*old, *new):
@@ -397,26 +412,32 @@ def build_manpage_corpus(
     docs, stats = _dedup_into_docs(results)
 
     cap = max_chars_per_language
-    held_cap = None if cap is None else int(cap * heldout_fraction / (1 - heldout_fraction))
-    entries: dict[str, list[dict]] = {"train": [], "heldout": []}
+    train_fraction = 1 - heldout_fraction - validation_fraction
+    caps = {split: None if cap is None else int(cap * fraction / train_fraction)
+            for split, fraction in (("train", train_fraction), ("validation", validation_fraction),
+                                    ("heldout", heldout_fraction))}
+    entries: dict[str, list[dict]] = {"train": [], "validation": [], "heldout": []}
     final = Path(out_dir)
     with atomic_output_dir(final, overwrite=overwrite) as tmp:
         for lang, lang_docs in docs.items():
             if not lang_docs:
                 raise UserError(f"no usable text in the {lang!r} man pages; reinstall {MANPAGE_SOURCES[lang][0]}")
-            train, held = _split(lang_docs, heldout_fraction, seed)
-            splits = {"train": _cap(train, cap), "heldout": _cap(held, held_cap)}
+            splits = {split: _cap(texts, caps[split])
+                      for split, texts in _split(lang_docs, heldout_fraction, validation_fraction, seed).items()}
             if not splits["train"]:
                 raise UserError(f"max_chars_per_language={cap} leaves no {lang!r} text; raise it")
             s = stats[lang]
             s["docs"], s["chars"] = len(lang_docs), sum(len(t) for _, t in lang_docs)
             for split, texts in splits.items():
                 s[f"{split}_docs"], s[f"{split}_chars"] = len(texts), sum(map(len, texts))
-                if texts:  # held-out entries only where there is held-out text
+                if texts:  # validation and held-out entries only where there is such text
                     _write_jsonl(tmp / split / f"{lang}.jsonl", texts)
                     entries[split].append(_corpora_entry(lang, split, "old" if lang in old else "new"))
-        for split, file in (("train", "corpora.yaml"), ("heldout", "heldout.yaml")):
+        files = [("train", "corpora.yaml"), ("heldout", "heldout.yaml")]
+        files += [("validation", "validation.yaml")] if validation_fraction > 0 else []
+        for split, file in files:
             (tmp / file).write_text(yaml.safe_dump(entries[split], sort_keys=False, allow_unicode=True))
-        summary = {"renderer": renderer, "seed": seed, "heldout_fraction": heldout_fraction, "languages": stats}
+        summary = {"renderer": renderer, "seed": seed, "heldout_fraction": heldout_fraction,
+                   "validation_fraction": validation_fraction, "languages": stats}
         (tmp / "corpus_stats.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return final / "corpora.yaml"

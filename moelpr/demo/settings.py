@@ -1,4 +1,4 @@
-"""The demo's sizes (full and `--quick`), and the record that stops two different runs mixing in one directory.
+"""The demo's size presets (`--sizes default|large|quick`), and the record that stops two different runs mixing in one directory.
 
 Why these sizes (docs/demo.md has the measurements): on 2 CPU cores a 4-layer, 128-wide Llama with a 4,096-token
 vocabulary trains at a few thousand tokens per second in float32, so the whole comparison (base pretraining, six
@@ -22,19 +22,26 @@ SETTINGS_FILE = "demo_settings.json"
 
 @dataclass(frozen=True, kw_only=True)
 class DemoSizes:
-    """Model, data and training sizes of one demo run (every method shares the new-language budget)."""
+    """Model, data and training sizes of one demo run (every method shares the new-language budget).
 
-    # corpus (man pages only) and tokenizer
+    docs/demo.md ("How the defaults were chosen") logs the validation runs behind each default.
+    """
+
+    # corpus (man pages only): whole pages held out for the test report and for validation (where every
+    # setting below was chosen); tokenizer trained on the base's pretraining mix
     max_pages_per_language: int | None = None  # None renders every installed page
+    heldout_fraction: float = 0.1  # test
+    validation_fraction: float = 0.1
     vocab_size: int = 4096
-    # base model (Llama-style)
+    # base model (Llama-style), English-centric: pretrained on the old languages plus `base_new_share` of
+    # new-language text (share of the pretraining mix's bytes; pages stage 1 never sees)
     hidden_size: int = 128
     num_layers: int = 4
     intermediate_size: int = 384
     num_heads: int = 4
     cutoff_len: int = 128  # training block = the model's context = the evaluation window
     batch_size: int = 16  # blocks per optimiser step, every run
-    # base pretraining on the old languages
+    base_new_share: float = 0.03
     base_steps: int = 400
     base_lr: float = 3e-3
     # new-language data: tokens per new language in the stage-1 mix (documents in file order, last one cut)
@@ -46,28 +53,39 @@ class DemoSizes:
     top_k: int = 2
     lora_rank: int = 8
     llama_pro_blocks: int = 2
+    loramoe_experts: int = 8  # the paper: 8 LoRA experts of rank 180 on a 2,048-wide model
+    loramoe_rank: int = 12  # 180 / 2,048 of the width
     # stage 2 (review): old-language replay = replay_fraction of the stage-1 tokens, new = 2× that (paper 1:2)
-    replay_fraction: float = 0.03
-    stage2_epochs: int = 10
-    stage2_lr: float = 1e-2  # routers only (0.06 % of the weights), ~100 steps: a larger step than stage 1
+    replay_fraction: float = 0.01
+    stage2_epochs: int = 4  # 14 steps, 12 % of stage 1's
+    stage2_lr: float = 3e-2  # routers only (0.06 % of the weights)
     lpr_loss_coef: float = 0.1
+    lpr_loss_reduction: str = "sum"  # the paper's sum over old tokens ("mean": the official code); validation: either
     # LayerMoE (same data, steps and learning rates as MoE-LPR): similarity measured on the base with this many
     # review tokens per language; budget δ of the allocation (expert 0 counted, ≥ 2 × layers); classifiers on
     # the `classifier_top_k` most similar layers (the paper: 7 of 24 layers ≈ 1 of 4)
     similarity_tokens: int = 4000
     layermoe_budget: int = 9
     classifier_top_k: int = 1
+    # figures on validation data: the review curve (review mixes of these multiples of the default size,
+    # stage 2 run for the same epochs) and the γ trade-off (these LPR coefficients besides 0 and the default)
+    review_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    gamma_sweep: tuple[float, ...] = (0.01, 0.03, 0.3, 1.0)
     # evaluation
     eval_tokens_per_language: int = 8000
     eval_batch_size: int = 16
 
 
 FULL = DemoSizes()
-QUICK = DemoSizes(max_pages_per_language=20, vocab_size=1024, hidden_size=64, num_layers=2, intermediate_size=128,
+QUICK = DemoSizes(max_pages_per_language=24, vocab_size=1024, hidden_size=64, num_layers=2, intermediate_size=128,
                   num_heads=2, cutoff_len=64, batch_size=8, base_steps=40, new_tokens_per_language=4000,
-                  stage1_steps=12, replay_fraction=0.05, stage2_epochs=2, eval_tokens_per_language=400,
-                  similarity_tokens=400, layermoe_budget=5)
+                  stage1_steps=12, replay_fraction=0.25, stage2_epochs=2, eval_tokens_per_language=400,
+                  similarity_tokens=400, layermoe_budget=5, review_scales=(0.5, 1.0), gamma_sweep=(1.0,))
 """The CI smoke run: the same pipeline at toy sizes; its numbers show that everything runs, not the paper's claims."""
+LARGE = dataclasses.replace(FULL, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4)
+"""About 5x the default's non-embedding parameters: does the gap to the paper shrink with scale? (docs/demo.md)."""
+SIZES = {"default": FULL, "large": LARGE, "quick": QUICK}
+"""The presets `--sizes` picks from (`--quick` = `--sizes quick`)."""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -88,17 +106,27 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def settings_record(sizes: DemoSizes, *, quick: bool, seed: int, precision: str, languages: dict[str, list[str]],
-                    corpora: str | None, heldout: str | None) -> dict[str, Any]:
-    """What makes a run: compared on every rerun in the same output directory."""
+def preset_sizes(name: str) -> DemoSizes:
+    """The `--sizes` preset of that name; a one-line `UserError` naming the presets otherwise."""
+    if name not in SIZES:
+        raise UserError(f"unknown --sizes {name!r}; choose one of {', '.join(SIZES)}")
+    return SIZES[name]
+
+
+def settings_record(sizes: DemoSizes, *, preset: str, seed: int, precision: str, languages: dict[str, list[str]],
+                    corpora: dict[str, str] | None) -> dict[str, Any]:
+    """What makes a run: compared on every rerun in the same output directory.
+
+    Args:
+        corpora: the user's corpora files by split (train, validation, heldout), None for the man pages.
+    """
     return {
-        "quick": quick,
+        "preset": preset,
         "seed": seed,
         "precision": precision,
         "languages": languages,
-        "corpora": None if corpora is None else os.path.abspath(corpora),
-        "heldout": None if heldout is None else os.path.abspath(heldout),
-        "sizes": dataclasses.asdict(sizes),
+        "corpora": None if corpora is None else {split: os.path.abspath(p) for split, p in corpora.items()},
+        "sizes": json.loads(json.dumps(dataclasses.asdict(sizes))),  # tuples as JSON lists, as reread
     }
 
 

@@ -1,7 +1,8 @@
-"""The demo's tokenizer: a byte-level BPE trained on the original languages only.
+"""The demo's tokenizer: a byte-level BPE trained on the base's pretraining mix (mostly the old languages).
 
-It stands in for an English-centric LLM's tokenizer: new-language text is still encoded losslessly
-(every byte has a token) but in more, shorter tokens. Encoding adds no special tokens (no BOS/EOS
+It stands in for an English-centric LLM's tokenizer: trained on the same mix as the base (the old languages
+plus a few per cent of new-language text), it encodes new-language text losslessly (every byte has a token)
+but in more, shorter tokens. Encoding adds no special tokens (no BOS/EOS
 post-processor); callers that want `<s>`/`</s>` add `bos_token_id`/`eos_token_id` themselves.
 """
 

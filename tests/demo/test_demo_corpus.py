@@ -149,6 +149,27 @@ def test_build_fake_corpus(man_root: Path, tmp_path: Path, workers: int) -> None
     assert (again.parent / "train/tr.jsonl").read_bytes() == (out / "train/tr.jsonl").read_bytes()
 
 
+@needs_renderer
+def test_validation_split_is_disjoint_and_keeps_the_test_pages(man_root: Path, tmp_path: Path) -> None:
+    kw = {"languages_old": ("en",), "languages_new": ("tr",), "man_root": man_root, "heldout_fraction": 0.25,
+          "workers": 1}
+    without = build_manpage_corpus(tmp_path / "without", **kw).parent
+    with_val = build_manpage_corpus(tmp_path / "with", validation_fraction=0.25, **kw).parent
+    assert not (without / "validation.yaml").exists()
+    spec = yaml.safe_load((with_val / "validation.yaml").read_text())
+    assert [(e["language"], e["role"], e["path"]) for e in spec] == [("en", "old", "validation/en.jsonl"),
+                                                                      ("tr", "new", "validation/tr.jsonl")]
+    for lang in ("en", "tr"):
+        splits = {split: _docs(with_val / split / f"{lang}.jsonl") for split in ("train", "validation", "heldout")}
+        assert all(splits.values())
+        assert not (set(splits["train"]) & set(splits["validation"]) or set(splits["train"]) & set(splits["heldout"])
+                    or set(splits["validation"]) & set(splits["heldout"]))
+        assert sum(map(len, splits.values())) == 8
+        assert splits["heldout"] == _docs(without / "heldout" / f"{lang}.jsonl")  # test pages do not move
+    with pytest.raises(UserError, match="leave training text"):
+        build_manpage_corpus(tmp_path / "bad", validation_fraction=0.8, **kw)
+
+
 @pytest.mark.skipif(not (shutil.which("mandoc") and shutil.which("man")), reason="needs mandoc and man")
 def test_renderers_agree() -> None:
     paragraphs = [EN[0], TR[0], "Çince: 守护进程在启动时读取配置文件，如果某个值无效就会报错。"]

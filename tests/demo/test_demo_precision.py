@@ -17,7 +17,8 @@ from moelpr.demo.settings import DemoSizes
 MICRO = DemoSizes(vocab_size=300, hidden_size=32, num_layers=2, intermediate_size=64, num_heads=2, cutoff_len=32,
                   batch_size=4, base_steps=15, new_tokens_per_language=600, stage1_steps=2, replay_fraction=0.5,
                   stage2_epochs=1, eval_tokens_per_language=60, eval_batch_size=4, similarity_tokens=200,
-                  layermoe_budget=5, lora_rank=2, llama_pro_blocks=1)
+                  layermoe_budget=5, lora_rank=2, llama_pro_blocks=1, loramoe_experts=2, loramoe_rank=2,
+                  review_scales=(1.0,), gamma_sweep=())
 ALPHABETS = {"en": ("old", "abcdefghijklmnop"), "es": ("old", "aeioulmnrstdñ"),
              "el": ("new", "αβγδεζηθικλμνξοπ"), "ru": ("new", "абвгдежзийклмноп")}
 
@@ -46,12 +47,14 @@ def test_demo_runs_in_the_precision_this_cpu_would_not_pick(tmp_path, monkeypatc
     precision = "bf16" if forced_bf16 else "fp32"
     out = tmp_path / "run"
     results = demo_run.run_demo(out, corpora=str(_corpora(tmp_path, "train", 60, 0)),
-                                heldout=str(_corpora(tmp_path, "heldout", 5, 1)), precision="auto", sizes=MICRO,
-                                progress=False, log=lambda line: None)
+                                validation=str(_corpora(tmp_path, "validation", 5, 2)),
+                                heldout=str(_corpora(tmp_path, "heldout", 5, 1)), precision="auto",
+                                custom_sizes=MICRO, progress=False, log=lambda line: None)
     assert json.loads((out / "demo_settings.json").read_text())["precision"] == precision
     assert f"precision {precision} (training and evaluation)" in (out / "results.md").read_text()
     for name in demo_run.METHODS:
-        assert json.loads((out / "eval" / f"{name}.json").read_text())["precision"] == precision, name
+        for split in ("validation", "test"):
+            assert json.loads((out / "eval" / split / f"{name}.json").read_text())["precision"] == precision, name
     base_args = json.loads((out / "models" / "base" / "train_metrics.json").read_text())["recipe"]
     assert base_args["bf16"] is forced_bf16
     assert set(results["methods"]) == set(demo_run.METHODS)

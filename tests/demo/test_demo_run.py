@@ -50,7 +50,7 @@ def quick_run(tmp_path_factory):
         pytest.skip("needs the man-page packages (bash scripts/install_manpages.sh)")
     out = tmp_path_factory.mktemp("demo") / "run"
     start = time.monotonic()
-    code = main(["demo", "--output", str(out), "--quick", "--no-progress"])
+    code = main(["demo", "--output", str(out), "--quick", "--no-progress", "--precision", "fp32"])
     return out, code, time.monotonic() - start
 
 
@@ -62,15 +62,36 @@ def test_quick_demo_writes_results_report_and_figures(quick_run):
     assert results["languages"] == {"old": ["en", "es", "zh"], "new": ["tr", "hu", "uk"]}
     assert list(results["methods"]) == list(METHODS)
     for name, res in results["methods"].items():
-        for metric in ("ppl", "bpb"):
-            assert set(res[metric]) == {"en", "es", "zh", "tr", "hu", "uk"}, name
-            assert all(math.isfinite(v) and v > 0 for v in res[metric].values()), name
+        for split in (res, res["validation"]):  # the test figures where they always were, validation beside them
+            for metric in ("ppl", "bpb"):
+                assert set(split[metric]) == {"en", "es", "zh", "tr", "hu", "uk"}, name
+                assert all(math.isfinite(v) and v > 0 for v in split[metric].values()), name
+        assert res["split"] == "test" and res["validation"]["split"] == "validation"
+        assert res["ppl"] != res["validation"]["ppl"], name  # two different sets of pages
     assert "routing" in results["methods"]["moe_lpr"] and "routing" not in results["methods"]["full"]
-    assert len(results["claims"]) == 5 and all(isinstance(c["reproduced"], bool) for c in results["claims"])
+    assert len(results["claims"]) == 6 and all(isinstance(c["reproduced"], bool) for c in results["claims"])
     report = (out / "results.md").read_text()
     assert "Does the paper's claim reproduce here?" in report and "| moe_lpr |" in report
-    for name in ("old_vs_new.png", "router_expert0.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("old_vs_new.png", "router_expert0.png", "router_expert0_layers.png", "review_curve.png",
+                 "gamma_tradeoff.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert name in report
+    sweeps = results["sweeps"]
+    assert [p["gamma"] for p in sweeps["gamma"]] == sorted({0.0, QUICK.lpr_loss_coef, *QUICK.gamma_sweep})
+    assert [p["scale"] for p in sweeps["review"]] == [0.0, *sorted(QUICK.review_scales)]
+    tokens = [p["review_tokens"] for p in sweeps["review"]]
+    assert tokens == sorted(tokens) and tokens[0] == 0 and len(set(tokens)) == len(tokens)
+    by_run = {p["run"]: p for p in sweeps["gamma"] + sweeps["review"]}
+    assert by_run["moe_lpr"]["validation"]["ppl"] == results["methods"]["moe_lpr"]["validation"]["ppl"]
+    probes = results["probes"]["moe_lpr"]
+    assert [p["layer"] for p in probes] == list(range(QUICK.num_layers))
+    assert all(0 <= p["lpr_only"]["mean_p0_old"] <= 1 and 0.5 <= p["separate"]["balanced_accuracy"] <= 1
+               for p in probes)
+    effects = results["dense_layer"]["moe_lpr"]
+    assert [e["layer"] for e in effects] == list(range(QUICK.num_layers))
+    assert "Where MoE-LPR's remaining forgetting sits" in report
+    share = results["data"]["base_new_token_share"]
+    assert 0 < share < 0.15 and results["pretrain"]["new_share"] <= QUICK.base_new_share  # a few per cent
     allocation = json.loads((out / "layermoe" / "allocation.json").read_text())
     experts = results["experts"]
     assert experts["layermoe"]["experts_per_layer"] == allocation["experts_per_layer"]  # stage 1 used the allocation
@@ -78,7 +99,7 @@ def test_quick_demo_writes_results_report_and_figures(quick_run):
     assert experts["layermoe"]["new_experts"] == sum(allocation["experts_per_layer"]) - QUICK.num_layers
     assert "New-expert budget" in report and "| layermoe |" in report
     settings = json.loads((out / "demo_settings.json").read_text())
-    assert settings["quick"] is True and settings["sizes"]["base_steps"] == QUICK.base_steps
+    assert settings["preset"] == "quick" and settings["sizes"]["base_steps"] == QUICK.base_steps
     for name in METHODS:
         assert (out / "models" / name / "config.json").is_file() and (out / "eval" / f"{name}.json").is_file()
 
@@ -89,7 +110,7 @@ def test_rerun_reuses_everything(quick_run, capsys):
     assert code == 0
     before = (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns
     start = time.monotonic()
-    code, stdout, err = _demo(capsys, "--output", out, "--quick")
+    code, stdout, err = _demo(capsys, "--output", out, "--quick", "--precision", "fp32")
     assert code == 0, err
     assert time.monotonic() - start < 30  # nothing is trained or evaluated again
     assert (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns == before
@@ -101,7 +122,7 @@ def test_rerun_reuses_everything(quick_run, capsys):
 @needs_manpages
 def test_rerun_with_other_settings_is_refused(quick_run, capsys):
     out, _, _ = quick_run
-    code, _, err = _demo(capsys, "--output", out, "--quick", "--seed", 7)
+    code, _, err = _demo(capsys, "--output", out, "--quick", "--seed", 7, "--precision", "fp32")
     _one_line_error(code, err, "other settings", "seed", "--overwrite")
 
 
@@ -115,11 +136,18 @@ def test_settings_mismatch_without_running(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     languages = {"old": ["en", "es", "zh"], "new": ["tr", "hu", "uk"]}
-    record = settings_record(QUICK, quick=True, seed=0, precision="fp32", languages=languages, corpora=None,
-                             heldout=None)
+    record = settings_record(QUICK, preset="quick", seed=0, precision="fp32", languages=languages, corpora=None)
     (out / "demo_settings.json").write_text(json.dumps(record))
-    code, _, err = _demo(capsys, "--output", out, "--seed", 0, "--precision", "fp32")  # full, not quick
-    _one_line_error(code, err, "other settings", "quick")
+    code, _, err = _demo(capsys, "--output", out, "--seed", 0, "--precision", "fp32")  # default, not quick
+    _one_line_error(code, err, "other settings", "preset")
+
+
+def test_size_presets_are_checked(tmp_path, capsys):
+    code, _, err = _demo(capsys, "--output", tmp_path / "a", "--sizes", "huge")
+    _one_line_error(code, err, "--sizes", "'huge'", "default")
+    code, _, err = _demo(capsys, "--output", tmp_path / "b", "--quick", "--sizes", "large")
+    _one_line_error(code, err, "--quick", "--sizes large")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_non_demo_directory_is_refused(tmp_path, capsys):
@@ -129,11 +157,12 @@ def test_non_demo_directory_is_refused(tmp_path, capsys):
     assert (tmp_path / "precious.txt").is_file()
 
 
-def test_corpora_needs_heldout_and_existing_files(tmp_path, capsys):
-    code, _, err = _demo(capsys, "--output", tmp_path / "a", "--quick", "--corpora", tmp_path / "c.yaml")
-    _one_line_error(code, err, "--heldout")
-    code, _, err = _demo(capsys, "--output", tmp_path / "b", "--quick", "--corpora", tmp_path / "c.yaml",
+def test_corpora_needs_validation_heldout_and_existing_files(tmp_path, capsys):
+    code, _, err = _demo(capsys, "--output", tmp_path / "a", "--quick", "--corpora", tmp_path / "c.yaml",
                          "--heldout", tmp_path / "h.yaml")
+    _one_line_error(code, err, "--validation", "--heldout")
+    code, _, err = _demo(capsys, "--output", tmp_path / "b", "--quick", "--corpora", tmp_path / "c.yaml",
+                         "--validation", tmp_path / "v.yaml", "--heldout", tmp_path / "h.yaml")
     _one_line_error(code, err, "does not exist")
 
 
@@ -153,12 +182,26 @@ def _write_corpora(tmp_path: Path, entries: list[tuple[str, str]], name: str) ->
 def test_user_corpora_errors(tmp_path, capsys):
     only_new = _write_corpora(tmp_path, [("tr", "new")], "train")
     held = _write_corpora(tmp_path, [("tr", "new")], "held")
-    code, _, err = _demo(capsys, "--output", tmp_path / "a", "--quick", "--corpora", only_new, "--heldout", held)
+    files = ("--validation", held, "--heldout", held)
+    code, _, err = _demo(capsys, "--output", tmp_path / "a", "--quick", "--corpora", only_new, *files)
     _one_line_error(code, err, "both roles")
     both = _write_corpora(tmp_path, [("en", "old"), ("tr", "new")], "train2")
-    code, _, err = _demo(capsys, "--output", tmp_path / "b", "--quick", "--corpora", both, "--heldout", held)
-    _one_line_error(code, err, "no held-out corpus", "en")
+    code, _, err = _demo(capsys, "--output", tmp_path / "b", "--quick", "--corpora", both, *files)
+    _one_line_error(code, err, "no validation corpus", "en")
     broken = tmp_path / "broken.yaml"
     broken.write_text("- name: x\n  path: [unclosed\n")
-    code, _, err = _demo(capsys, "--output", tmp_path / "c", "--quick", "--corpora", broken, "--heldout", held)
+    code, _, err = _demo(capsys, "--output", tmp_path / "c", "--quick", "--corpora", broken, *files)
     _one_line_error(code, err, "cannot parse")
+
+
+@needs_manpages
+def test_embedding_share_counts_the_base(quick_run):
+    import moelpr
+    from moelpr.demo.diagnosis import embedding_share
+
+    out, _, _ = quick_run
+    model = moelpr.load_model(out / "models" / "base")
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
+    sizes = json.loads((out / "demo_settings.json").read_text())["sizes"]
+    assert embedding_share(sizes) == pytest.approx(embeddings / total)

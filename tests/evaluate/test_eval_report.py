@@ -106,3 +106,25 @@ def test_labels_of_nearby_points_do_not_overlap():
     boxes = [t.get_window_extent(renderer) for t in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_router_layers_figure_draws_every_moe_method(result_files):
+    from moelpr.evaluate.report import figure_router_layers
+
+    dense, moe = load_results(result_files[0]), load_results(result_files[1])
+    assert figure_router_layers(dense) is None  # no routing data: no figure
+    second = load_results(result_files[1])[0]
+    second.name = "moe-lpr (2)"
+    data = figure_router_layers([*dense, *moe, second])
+    assert data.startswith(PNG) and len(data) > 5000
+
+
+def test_sweep_figures_need_two_points_and_the_base(tmp_path):
+    from moelpr.evaluate.report import SweepPoint, figure_gamma_tradeoff, figure_review_curve
+
+    points = [SweepPoint(g, f"γ={g:g}", 100 + 10 / (1 + g), 3.0 + 0.1 * g, default=g == 0.1) for g in (0, 0.1, 1)]
+    refs = {"base": (100.0, 3.6), "full": (180.0, 2.9)}
+    for draw in (figure_gamma_tradeoff, figure_review_curve):
+        assert draw(points, refs).startswith(PNG)
+        assert draw(points[:1], refs) is None
+    assert figure_gamma_tradeoff(points, {"full": refs["full"]}) is None  # the change is against the base
