@@ -101,7 +101,7 @@ def test_quick_demo_writes_results_report_and_figures(quick_run):
     settings = json.loads((out / "demo_settings.json").read_text())
     assert settings["preset"] == "quick" and settings["sizes"]["base_steps"] == QUICK.base_steps
     for name in METHODS:
-        assert (out / "models" / name / "config.json").is_file() and (out / "eval" / f"{name}.json").is_file()
+        assert (out / "models" / name / "config.json").is_file() and (out / "eval" / "test" / f"{name}.json").is_file()
 
 
 @needs_manpages
