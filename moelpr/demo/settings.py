@@ -59,7 +59,7 @@ class DemoSizes:
     replay_fraction: float = 0.01
     stage2_epochs: int = 4  # 14 steps, 12 % of stage 1's
     stage2_lr: float = 3e-2  # routers only (0.06 % of the weights)
-    lpr_loss_coef: float = 0.1
+    lpr_loss_coef: float = 0.3  # validation, after the router-init fix (docs/demo.md): the smallest γ within 5 %
     lpr_loss_reduction: str = "sum"  # the paper's sum over old tokens ("mean": the official code); validation: either
     # LayerMoE (same data, steps and learning rates as MoE-LPR): similarity measured on the base with this many
     # review tokens per language; budget δ of the allocation (expert 0 counted, ≥ 2 × layers); classifiers on
@@ -70,7 +70,7 @@ class DemoSizes:
     # figures on validation data: the review curve (review mixes of these multiples of the default size,
     # stage 2 run for the same epochs) and the γ trade-off (these LPR coefficients besides 0 and the default)
     review_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    gamma_sweep: tuple[float, ...] = (0.01, 0.03, 0.3, 1.0)
+    gamma_sweep: tuple[float, ...] = (0.01, 0.03, 0.1, 1.0)
     # evaluation
     eval_tokens_per_language: int = 8000
     eval_batch_size: int = 16
