@@ -3,6 +3,11 @@ trained-like MoE-LPR models and a word tokenizer."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
@@ -58,3 +63,38 @@ def trained_moe(arch: str = "llama", num_experts=4, top_k: int = 2, seed: int = 
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     return moe.eval()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Prepended to a `python -I` child: drops the editable-install finder of moelpr and the checkout (but keeps
+# site-packages: CI's venv lives inside the checkout), proves moelpr is not importable, and blocks it.
+_WITHOUT_MOELPR = r"""
+import importlib.abc, importlib.util, sys
+_repo = sys.argv.pop(1)
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p and not (p.startswith(_repo) and "site-packages" not in p)]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("moelpr") is None, "moelpr is still importable"
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "moelpr":
+            raise ModuleNotFoundError(f"moelpr is blocked in this process ({name})")
+        return None
+
+sys.meta_path.insert(0, _Block())
+"""
+_CHECK_UNUSED = '\nassert not any(name.split(".")[0] == "moelpr" for name in sys.modules)\n'
+
+
+def run_without_moelpr(script: str, args: list[str], cwd: Path, timeout: int = 300) -> str:
+    """Run `script` (with `sys.argv[1:] == args`) in a fresh interpreter that cannot import moelpr; its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(cwd / "hf_modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-I", "-c", _WITHOUT_MOELPR + script + _CHECK_UNUSED, str(REPO), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

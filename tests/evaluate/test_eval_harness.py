@@ -1,7 +1,6 @@
 """lm-eval integration: `moe-lpr benchmark` is stock lm-eval `hf` with remote code; shipped suites."""
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -9,12 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tiny import run_without_moelpr
+
 from moelpr.cli import main
 from moelpr.evaluate import harness
 from moelpr.evaluate.perplexity import evaluate_texts
 
 lm_eval = pytest.importorskip("lm_eval")
-REPO = Path(harness.__file__).resolve().parents[2]
 
 
 def _local_tasks(root: Path, docs: list[str]) -> Path:
@@ -71,31 +71,15 @@ def test_benchmark_on_a_saved_dense_model_is_stock_hf(tmp_path, dense_dir, dense
     json.dumps(record)  # JSON-ready
 
 
-# The stock `lm_eval` CLI in a process where moelpr cannot be imported (the finder of the editable install
-# and the checkout dropped, and a blocker), on a directory `moe-lpr train` wrote.
+# The stock `lm_eval` CLI in a process where moelpr cannot be imported, on a directory `moe-lpr train` wrote.
 STOCK_CLI = r"""
-import importlib.abc, importlib.util, sys
-sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
-sys.path[:] = [p for p in sys.path if "__editable__" not in p and not (p.startswith(sys.argv[1]) and "site-packages" not in p)]
-sys.path_importer_cache.clear()
-assert importlib.util.find_spec("moelpr") is None, "moelpr is still importable"
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "moelpr":
-            raise ModuleNotFoundError(f"moelpr is blocked in this process ({name})")
-
-sys.meta_path.insert(0, Block())
 from lm_eval.__main__ import cli_evaluate
-sys.argv = ["lm_eval", *sys.argv[2:]]
+sys.argv = ["lm_eval", *sys.argv[1:]]
 cli_evaluate()
-assert not any(name.split(".")[0] == "moelpr" for name in sys.modules)
 """
 
 
 def test_stock_lm_eval_cli_runs_a_train_output_as_moe_lpr_benchmark_does(tmp_path, dense_dir, corpora_file, texts):
-    import subprocess
-
     import moelpr
     from moelpr.train import load_recipe, train
 
@@ -108,12 +92,7 @@ def test_stock_lm_eval_cli_runs_a_train_output_as_moe_lpr_benchmark_does(tmp_pat
     args = ["run", "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,dtype=float32",
             "--tasks", "local_ppl", "local_group", "--include_path", str(task_dir), "--device", "cpu",
             "--batch_size", "2", "--output_path", str(tmp_path / "cli")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-I", "-c", STOCK_CLI, str(REPO), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_without_moelpr(STOCK_CLI, args, tmp_path)
     cli = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]
 
     record = harness.run_benchmark(out, ["local_ppl", "local_group"], include_paths=[task_dir], device="cpu",

@@ -4,45 +4,26 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_ids, tiny_model, trained_moe
 from safetensors.torch import load_file, save_file
+from tiny import run_without_moelpr, tiny_ids, tiny_model, trained_moe
 
 import moelpr
 
-REPO = Path(moelpr.__file__).resolve().parent.parent
 MODEL_DIR = Path(moelpr.__file__).resolve().parent / "model"
 
-# Runs in `python -I` from an empty cwd: drops the editable-install finder of moelpr, proves moelpr is not
-# importable, then loads every directory with trust_remote_code and stores logits + greedy tokens.
+# Loads every directory with trust_remote_code where moelpr cannot be imported; stores logits + greedy tokens.
 CHILD = r"""
-import importlib.abc, importlib.util, json, sys
-sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
-sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
-# drop the source checkout (and anything under it) but keep site-packages: CI's venv lives inside the checkout
-sys.path[:] = [p for p in sys.path if "__editable__" not in p and not (p.startswith(sys.argv[1]) and "site-packages" not in p)]
-sys.path_importer_cache.clear()
-assert importlib.util.find_spec("moelpr") is None, "moelpr is still importable"
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "moelpr":
-            raise ModuleNotFoundError(f"moelpr is blocked in this process ({name})")
-        return None
-
-sys.meta_path.insert(0, Block())
+import json, sys
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 report = {}
-for out in json.loads(sys.argv[2]):
+for out in json.loads(sys.argv[1]):
     try:
         model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     except Exception as err:  # the delta case: report the message
@@ -55,7 +36,6 @@ for out in json.loads(sys.argv[2]):
                                 do_sample=False, pad_token_id=0)
     save_file({"logits": logits.contiguous(), "tokens": tokens.contiguous()}, out + ".theirs.safetensors")
     report[out] = {"module": type(model).__module__}
-assert not any(name.split(".")[0] == "moelpr" for name in sys.modules)
 print(json.dumps(report))
 """
 
@@ -120,13 +100,7 @@ CASES = {
 def _run_child(tmp_path: Path, outs: list[str]) -> dict:
     cwd = tmp_path / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-I", "-c", CHILD, str(REPO), json.dumps(outs)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(run_without_moelpr(CHILD, [json.dumps(outs)], cwd).strip().splitlines()[-1])
 
 
 def test_every_saved_model_loads_without_moelpr_with_the_same_logits_and_tokens(tmp_path):
