@@ -1,0 +1,145 @@
+"""The per-expert loop over stacked experts: the path on CPU, and on accelerators without `grouped_mm`.
+
+For each expert of a group and each chunk of its pairs (sorted by expert) one autograd Function gathers
+the tokens, runs the gated MLP `act(x·G_e) ⊙ (x·U_e) · D_e`, scales by the routing weight and adds the
+result into the output with `index_add_`. Its hand-written backward does the matmuls of autograd over the
+same loop (the official code's dispatch) with fewer element-wise passes and allocations:
+- act(gate) is recomputed, not saved, and the expert output is not saved at all: the routing-weight
+  gradient is <dout·D_e, act(gate)·up>, from tensors the backward has anyway;
+- the input gradient goes into one `(N, H)` buffer, not one full-size zero tensor per expert;
+- each weight gradient is written straight into its expert's slice of the stacked gradient.
+Chunks bound every temporary, so it stays in cache and under glibc's mmap threshold: bigger blocks are
+mapped afresh on every allocation and each of their pages faults on first touch (docs/benchmarks.md §1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grouped import compute_dtype
+
+# Rows per chunk: an (rows, I) activation of at most this many bytes stays well under glibc's 32 MiB mmap
+# ceiling, so after warm-up it comes from the heap instead of freshly mapped (page-faulting) memory.
+_CHUNK_BYTES = 16 << 20
+
+
+def _chunks(counts: list[int], rows: int):
+    """(expert, row slice, first chunk of that expert?) covering every pair, at most `rows` rows each."""
+    start = 0
+    for e, n in enumerate(counts):
+        for lo in range(start, start + n, rows):
+            yield e, slice(lo, min(lo + rows, start + n)), lo == start
+        start += n
+
+
+def _accumulate(buffer: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """buffer (=, if first, else +=) a @ b, in buffer's dtype (float32 master gradients under autocast)."""
+    if buffer.dtype == a.dtype:
+        torch.mm(a, b, out=buffer) if first else buffer.addmm_(a, b)
+    else:
+        buffer.copy_(a @ b) if first else buffer.add_(a @ b)
+
+
+def _accumulate_sum(buffer: torch.Tensor, a: torch.Tensor, first: bool) -> None:
+    buffer.copy_(a.sum(0)) if first else buffer.add_(a.sum(0))
+
+
+def add_looped(out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, counts: list[int],
+               gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
+               down_bias: torch.Tensor | None, act_fn: nn.Module) -> torch.Tensor:
+    """`out[token[p]] += weight[p] · MLP_e(x[token[p]])` for the pairs p of one stacked group, sorted by expert.
+
+    Args:
+        out: `(N, H)` accumulator, updated in place and returned.
+        x: `(N, H)` tokens.
+        token, weight: `(M,)` token index and routing weight (out's dtype) of each pair, the first `counts[0]`
+            for expert 0 of the group, the next `counts[1]` for expert 1, ...
+        counts: pairs per expert (host ints, sum = M).
+        gate_up, down: `(E, 2I, H)` rows [gate; up] and `(E, H, I)`, `nn.Linear` layout per expert.
+        gate_up_bias, down_bias: `(E, 2I)` / `(E, H)` or None.
+        act_fn: the activation, out of place (every transformers `ACT2FN` is).
+    """
+    return _LoopedExperts.apply(out, x, token, weight, gate_up, down, gate_up_bias, down_bias, counts, act_fn,
+                                torch.is_grad_enabled())
+
+
+class _LoopedExperts(torch.autograd.Function):
+    """Per chunk the forward saves gate, up and act(gate)·up (only when a backward can follow)."""
+
+    @staticmethod
+    def forward(ctx, out, x, token, weight, gate_up, down, gate_up_bias, down_bias, counts, act_fn, keep):
+        dtype, inter = compute_dtype(x), down.shape[-1]
+        rows = max(1, _CHUNK_BYTES // (inter * torch.empty((), dtype=dtype).element_size()))
+        saved = []
+        for e, chunk, _ in _chunks(counts, rows):
+            idx = token[chunk]
+            xe = x.index_select(0, idx).to(dtype)  # (r, H)
+            w = gate_up[e].to(dtype)  # (2I, H)
+            b = None if gate_up_bias is None else gate_up_bias[e].to(dtype)  # (2I,)
+            gate = F.linear(xe, w[:inter], None if b is None else b[:inter])  # (r, I)
+            up = F.linear(xe, w[inter:], None if b is None else b[inter:])  # (r, I)
+            a = act_fn(gate).mul_(up)  # (r, I)
+            y = F.linear(a, down[e].to(dtype), None if down_bias is None else down_bias[e].to(dtype))  # (r, H)
+            out.index_add_(0, idx, y.to(out.dtype).mul_(weight[chunk, None]))
+            if keep:
+                saved += [gate, up, a]
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, token, weight, gate_up, down, gate_up_bias, down_bias, *saved)
+        ctx.counts, ctx.rows, ctx.act_fn, ctx.dtype = counts, rows, act_fn, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, token, weight, gate_up, down, gate_up_bias, down_bias, *saved = ctx.saved_tensors
+        _, need_x, _, need_weight, need_gate_up, need_down, need_gate_up_bias, need_down_bias = ctx.needs_input_grad[:8]
+        dtype, inter, counts = ctx.dtype, down.shape[-1], ctx.counts
+        dx = torch.zeros_like(x) if need_x else None  # (N, H)
+        d_weight = torch.empty_like(weight) if need_weight else None  # (M,)
+        d_gate_up = _per_expert_buffer(gate_up, counts) if need_gate_up else None  # (E, 2I, H)
+        d_down = _per_expert_buffer(down, counts) if need_down else None  # (E, H, I)
+        d_gate_up_bias = _per_expert_buffer(gate_up_bias, counts) if need_gate_up_bias else None  # (E, 2I)
+        d_down_bias = _per_expert_buffer(down_bias, counts) if need_down_bias else None  # (E, H)
+        for (e, chunk, first), (gate, up, a) in zip(_chunks(counts, ctx.rows), zip(*[iter(saved)] * 3)):
+            idx, w = token[chunk], weight[chunk, None].to(dtype)  # (r,), (r, 1)
+            w_down = down[e].to(dtype)  # (H, I)
+            dy = d_out.index_select(0, idx).to(dtype)  # (r, H), gradient of the weighted output
+            g = dy @ w_down  # (r, I)
+            if need_weight:
+                dw = (g * a).sum(-1)  # (r,)
+                if down_bias is not None:
+                    dw += dy @ down_bias[e].to(dtype)
+                d_weight[chunk] = dw
+            dy.mul_(w)  # gradient of the expert output
+            if need_down:
+                _accumulate(d_down[e], dy.t(), a, first)
+            if need_down_bias:
+                _accumulate_sum(d_down_bias[e], dy, first)
+            da = g.mul_(w)  # (r, I)
+            with torch.enable_grad():
+                gate_ = gate.detach().requires_grad_(True)
+                act = ctx.act_fn(gate_)  # (r, I), recomputed rather than saved
+                (d_gate,) = torch.autograd.grad(act, gate_, da * up)  # (r, I)
+            d_up = act.detach().mul_(da)  # (r, I)
+            if need_gate_up:
+                xe = x.index_select(0, idx).to(dtype)  # (r, H)
+                _accumulate(d_gate_up[e, :inter], d_gate.t(), xe, first)
+                _accumulate(d_gate_up[e, inter:], d_up.t(), xe, first)
+            if need_gate_up_bias:
+                _accumulate_sum(d_gate_up_bias[e, :inter], d_gate, first)
+                _accumulate_sum(d_gate_up_bias[e, inter:], d_up, first)
+            if need_x:
+                w_gate_up = gate_up[e].to(dtype)  # (2I, H)
+                dxe = (d_gate @ w_gate_up[:inter]).addmm_(d_up, w_gate_up[inter:])  # (r, H)
+                dx.index_add_(0, idx, dxe.to(dx.dtype))
+        return d_out, dx, None, d_weight, d_gate_up, d_down, d_gate_up_bias, d_down_bias, None, None, None
+
+
+def _per_expert_buffer(param: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """An uninitialised gradient buffer like `param` `(E, ...)` whose rows for experts without pairs are zero."""
+    buffer = torch.empty_like(param)
+    for e, n in enumerate(counts):
+        if not n:
+            buffer[e].zero_()
+    return buffer
