@@ -183,17 +183,20 @@ def main() -> None:
           f"H={args.hidden} I={args.intermediate} top-{args.top_k}; load average {os.getloadavg()[0]:.2f}")
     print(f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up; "
           "x floor = floor time / variant time, x ref = reference time / variant time")
-    print("|   T |  E | variant   | ms/step (min-max)         |  tokens/s | x floor | x ref |")
+    print("| T | E | variant | ms/step (min-max) | tokens/s | x floor | x ref |")
     print("|---|---|---|---|---|---|---|")
+    notes = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for experts in (int(e) for e in args.experts.split(",")):
             r = run_config(args, tokens, experts, dtype, device)
             med = r["median"]
             for name in ("ours", "reference", "floor"):
                 lo, hi = r["spread"][name]
-                print(f"| {tokens:5d} | {experts:2d} | {name:9s} | {med[name] * 1e3:8.1f} ({lo * 1e3:7.1f}-{hi * 1e3:7.1f}) "
-                      f"| {tokens / med[name]:9.0f} | {med['floor'] / med[name]:7.3f} | {med['reference'] / med[name]:5.3f} |")
-            print(f"  rows per expert {r['counts']}; max |ours - reference| = {r['diff']:.1e}", flush=True)
+                print(f"| {tokens} | {experts} | {name} | {med[name] * 1e3:.1f} ({lo * 1e3:.1f}-{hi * 1e3:.1f}) "
+                      f"| {tokens / med[name]:,.0f} | {med['floor'] / med[name]:.3f} | {med['reference'] / med[name]:.3f} |",
+                      flush=True)
+            notes.append(f"T={tokens} E={experts}: pairs per expert {r['counts']}, max |ours - reference| = {r['diff']:.1e}")
+    print("\n".join(notes))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -67,7 +67,7 @@ class StackedExperts(nn.Module):
 
     def forward(self, out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
                 counts: list[int]) -> torch.Tensor:
-        """Add `weight[p] · expert_e(x[token[p]])` into `out` `(N, H)` for pairs p sorted by expert (`counts[e]` each)."""
+        """Add `weight[p] · expert_e(x[token[p]])` into `out` `(N, H)`, pairs p sorted by expert, `counts[e]` each."""
         if token.shape[0] == 0:
             if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
                 # Keep the weights in the graph so DDP never sees them as unused when no token chose them.
