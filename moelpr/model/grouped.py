@@ -60,8 +60,7 @@ def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     dtype = compute_dtype(x)
-    size = torch.empty((), dtype=dtype).element_size()
-    if any(n * size % 16 for n in weight.shape[-2:]):
+    if any(n * dtype.itemsize % 16 for n in weight.shape[-2:]):
         return False
     return _probe(x.device, dtype)
 

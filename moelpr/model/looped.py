@@ -6,10 +6,12 @@ result into the output with `index_add_`. Its hand-written backward does the mat
 same loop (the official code's dispatch) with fewer element-wise passes and allocations:
 - act(gate) is recomputed, not saved, and the expert output is not saved at all: the routing-weight
   gradient is <dout·D_e, act(gate)·up>, from tensors the backward has anyway;
+- gate and up stay one `(rows, 2I)` matmul forward and backward (two matmuls per expert and direction, as
+  in the floor of `bench/moe_layer.py`), with no concatenation of their gradients;
 - the input gradient goes into one `(N, H)` buffer, not one full-size zero tensor per expert;
-- each weight gradient is written straight into its expert's slice of the stacked gradient.
-Chunks bound every temporary, so it stays in cache and under glibc's mmap threshold: bigger blocks are
-mapped afresh on every allocation and each of their pages faults on first touch (docs/benchmarks.md §1).
+- each weight gradient goes into its expert's slice of the stacked gradient.
+Chunks keep every temporary under glibc's mmap ceiling: bigger blocks are mapped afresh on every
+allocation and each of their pages faults on first touch (docs/benchmarks.md §1).
 """
 
 from __future__ import annotations
@@ -20,26 +22,36 @@ from torch import nn
 
 from .grouped import compute_dtype
 
-# Rows per chunk: an (rows, I) activation of at most this many bytes stays well under glibc's 32 MiB mmap
-# ceiling, so after warm-up it comes from the heap instead of freshly mapped (page-faulting) memory.
-_CHUNK_BYTES = 16 << 20
+# glibc maps every block above 32 MiB (the ceiling of its dynamic mmap threshold) afresh, so each of its
+# pages faults on first touch, every step; an expert's (rows, 2I) pre-activations are cut into equal chunks
+# below that. Smaller chunks would mean more ops, which costs more than it saves when threads contend.
+_CHUNK_BYTES = 30 << 20
 
 
-def _chunks(counts: list[int], rows: int):
-    """(expert, row slice, first chunk of that expert?) covering every pair, at most `rows` rows each."""
+def _chunks(counts: list[int], max_rows: int):
+    """(expert, row slice, first chunk of that expert?) covering every pair, in equal chunks of ≤ `max_rows`."""
     start = 0
     for e, n in enumerate(counts):
-        for lo in range(start, start + n, rows):
-            yield e, slice(lo, min(lo + rows, start + n)), lo == start
+        if n:
+            rows = -(-n // -(-n // max_rows))  # ceil(n / ceil(n / max_rows))
+            for lo in range(start, start + n, rows):
+                yield e, slice(lo, min(lo + rows, start + n)), lo == start
         start += n
 
 
 def _accumulate(buffer: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """buffer (=, if first, else +=) a @ b, in buffer's dtype (float32 master gradients under autocast)."""
-    if buffer.dtype == a.dtype:
-        torch.mm(a, b, out=buffer) if first else buffer.addmm_(a, b)
+    """buffer (=, if first, else +=) a @ b, in buffer's dtype (float32 master gradients under autocast).
+
+    The first product lands in a fresh (recycled, cache-warm) tensor and is copied: with few rows per
+    expert the output is most of a weight-gradient matmul's memory traffic, and `mm(out=)` straight into
+    the big, cold stacked gradient measured slower than the matmul plus a streaming copy.
+    """
+    if first:
+        buffer.copy_(a @ b)
+    elif buffer.dtype == a.dtype:
+        buffer.addmm_(a, b)
     else:
-        buffer.copy_(a @ b) if first else buffer.add_(a @ b)
+        buffer.add_(a @ b)
 
 
 def _accumulate_sum(buffer: torch.Tensor, a: torch.Tensor, first: bool) -> None:
@@ -66,28 +78,24 @@ def add_looped(out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: 
 
 
 class _LoopedExperts(torch.autograd.Function):
-    """Per chunk the forward saves gate, up and act(gate)·up (only when a backward can follow)."""
+    """Per chunk the forward saves [gate, up] and act(gate)·up (only when a backward can follow)."""
 
     @staticmethod
     def forward(ctx, out, x, token, weight, gate_up, down, gate_up_bias, down_bias, counts, act_fn, keep):
         dtype, inter = compute_dtype(x), down.shape[-1]
-        rows = max(1, _CHUNK_BYTES // (inter * torch.empty((), dtype=dtype).element_size()))
         saved = []
-        for e, chunk, _ in _chunks(counts, rows):
+        for e, chunk, _ in _chunks(counts, max(1, _CHUNK_BYTES // (2 * inter * dtype.itemsize))):
             idx = token[chunk]
             xe = x.index_select(0, idx).to(dtype)  # (r, H)
-            w = gate_up[e].to(dtype)  # (2I, H)
-            b = None if gate_up_bias is None else gate_up_bias[e].to(dtype)  # (2I,)
-            gate = F.linear(xe, w[:inter], None if b is None else b[:inter])  # (r, I)
-            up = F.linear(xe, w[inter:], None if b is None else b[inter:])  # (r, I)
-            a = act_fn(gate).mul_(up)  # (r, I)
+            h = F.linear(xe, gate_up[e].to(dtype), None if gate_up_bias is None else gate_up_bias[e].to(dtype))  # (r, 2I)
+            a = act_fn(h[:, :inter]).mul_(h[:, inter:])  # (r, I)
             y = F.linear(a, down[e].to(dtype), None if down_bias is None else down_bias[e].to(dtype))  # (r, H)
             out.index_add_(0, idx, y.to(out.dtype).mul_(weight[chunk, None]))
             if keep:
-                saved += [gate, up, a]
+                saved += [h, a]
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, token, weight, gate_up, down, gate_up_bias, down_bias, *saved)
-        ctx.counts, ctx.rows, ctx.act_fn, ctx.dtype = counts, rows, act_fn, dtype
+        ctx.counts, ctx.act_fn, ctx.dtype = counts, act_fn, dtype
         return out
 
     @staticmethod
@@ -101,13 +109,13 @@ class _LoopedExperts(torch.autograd.Function):
         d_down = _per_expert_buffer(down, counts) if need_down else None  # (E, H, I)
         d_gate_up_bias = _per_expert_buffer(gate_up_bias, counts) if need_gate_up_bias else None  # (E, 2I)
         d_down_bias = _per_expert_buffer(down_bias, counts) if need_down_bias else None  # (E, H)
-        for (e, chunk, first), (gate, up, a) in zip(_chunks(counts, ctx.rows), zip(*[iter(saved)] * 3)):
+        chunks = _chunks(counts, max(1, _CHUNK_BYTES // (2 * inter * dtype.itemsize)))
+        for (e, chunk, first), h, a in zip(chunks, saved[0::2], saved[1::2]):
             idx, w = token[chunk], weight[chunk, None].to(dtype)  # (r,), (r, 1)
-            w_down = down[e].to(dtype)  # (H, I)
             dy = d_out.index_select(0, idx).to(dtype)  # (r, H), gradient of the weighted output
-            g = dy @ w_down  # (r, I)
+            g = dy @ down[e].to(dtype)  # (r, I)
             if need_weight:
-                dw = (g * a).sum(-1)  # (r,)
+                dw = torch.linalg.vecdot(g, a)  # (r,)
                 if down_bias is not None:
                     dw += dy @ down_bias[e].to(dtype)
                 d_weight[chunk] = dw
@@ -117,22 +125,20 @@ class _LoopedExperts(torch.autograd.Function):
             if need_down_bias:
                 _accumulate_sum(d_down_bias[e], dy, first)
             da = g.mul_(w)  # (r, I)
+            gate, up = h[:, :inter], h[:, inter:]  # (r, I) each
+            dh = torch.empty_like(h)  # (r, 2I): [d gate, d up]
             with torch.enable_grad():
                 gate_ = gate.detach().requires_grad_(True)
                 act = ctx.act_fn(gate_)  # (r, I), recomputed rather than saved
                 (d_gate,) = torch.autograd.grad(act, gate_, da * up)  # (r, I)
-            d_up = act.detach().mul_(da)  # (r, I)
+            dh[:, :inter] = d_gate
+            torch.mul(act.detach(), da, out=dh[:, inter:])
             if need_gate_up:
-                xe = x.index_select(0, idx).to(dtype)  # (r, H)
-                _accumulate(d_gate_up[e, :inter], d_gate.t(), xe, first)
-                _accumulate(d_gate_up[e, inter:], d_up.t(), xe, first)
+                _accumulate(d_gate_up[e], dh.t(), x.index_select(0, idx).to(dtype), first)
             if need_gate_up_bias:
-                _accumulate_sum(d_gate_up_bias[e, :inter], d_gate, first)
-                _accumulate_sum(d_gate_up_bias[e, inter:], d_up, first)
+                _accumulate_sum(d_gate_up_bias[e], dh, first)
             if need_x:
-                w_gate_up = gate_up[e].to(dtype)  # (2I, H)
-                dxe = (d_gate @ w_gate_up[:inter]).addmm_(d_up, w_gate_up[inter:])  # (r, H)
-                dx.index_add_(0, idx, dxe.to(dx.dtype))
+                dx.index_add_(0, idx, (dh @ gate_up[e].to(dtype)).to(dx.dtype))
         return d_out, dx, None, d_weight, d_gate_up, d_down, d_gate_up_bias, d_down_bias, None, None, None
 
 
