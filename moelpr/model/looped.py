@@ -42,9 +42,9 @@ def _chunks(counts: list[int], max_rows: int):
 def _accumulate(buffer: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     """buffer (=, if first, else +=) a @ b, in buffer's dtype (float32 master gradients under autocast).
 
-    The first product lands in a fresh (recycled, cache-warm) tensor and is copied: with few rows per
-    expert the output is most of a weight-gradient matmul's memory traffic, and `mm(out=)` straight into
-    the big, cold stacked gradient measured slower than the matmul plus a streaming copy.
+    The first product lands in a small fresh tensor (recycled heap memory) and is copied in one streaming
+    pass: the stacked gradient is one big allocation, often freshly mapped by glibc, and `mm(out=)` straight
+    into it measured ~3% slower per backward with few rows per expert (T=512, E=6).
     """
     if first:
         buffer.copy_(a @ b)
