@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grouped import compute_dtype
+from .grouped import cast, compute_dtype
 
 # glibc maps every block above 32 MiB (the ceiling of its dynamic mmap threshold) afresh, so each of its
 # pages faults on first touch, every step; an expert's (rows, 2I) pre-activations are cut into equal chunks
@@ -78,29 +78,37 @@ def add_looped(out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: 
 
 
 class _LoopedExperts(torch.autograd.Function):
-    """Per chunk the forward saves [gate, up] and act(gate)·up (only when a backward can follow)."""
+    """Saves, when a backward can follow, each used expert's weights in the compute dtype (cast once, as
+    autocast's `F.linear` saves its casts) and, per chunk, [gate, up] and act(gate)·up."""
 
     @staticmethod
     def forward(ctx, out, x, token, weight, gate_up, down, gate_up_bias, down_bias, counts, act_fn, keep):
         dtype, inter = compute_dtype(x), down.shape[-1]
-        saved = []
-        for e, chunk, _ in _chunks(counts, max(1, _CHUNK_BYTES // (2 * inter * dtype.itemsize))):
+        expert_weights, saved = {}, []
+        for e, chunk, first in _chunks(counts, max(1, _CHUNK_BYTES // (2 * inter * dtype.itemsize))):
+            if first:
+                expert_weights[e] = cast(gate_up[e], dtype), cast(down[e], dtype)  # (2I, H), (H, I)
+            w_gate_up, w_down = expert_weights[e]
             idx = token[chunk]
             xe = x.index_select(0, idx).to(dtype)  # (r, H)
-            h = F.linear(xe, gate_up[e].to(dtype), None if gate_up_bias is None else gate_up_bias[e].to(dtype))  # (r, 2I)
+            h = F.linear(xe, w_gate_up, None if gate_up_bias is None else cast(gate_up_bias[e], dtype))  # (r, 2I)
             a = act_fn(h[:, :inter]).mul_(h[:, inter:])  # (r, I)
-            y = F.linear(a, down[e].to(dtype), None if down_bias is None else down_bias[e].to(dtype))  # (r, H)
+            y = F.linear(a, w_down, None if down_bias is None else cast(down_bias[e], dtype))  # (r, H)
             out.index_add_(0, idx, y.to(out.dtype).mul_(weight[chunk, None]))
             if keep:
                 saved += [h, a]
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, token, weight, gate_up, down, gate_up_bias, down_bias, *saved)
-        ctx.counts, ctx.act_fn, ctx.dtype = counts, act_fn, dtype
+        cast_weights = [w for pair in expert_weights.values() for w in pair] if keep else []
+        ctx.save_for_backward(x, token, weight, gate_up, down, gate_up_bias, down_bias, *cast_weights, *saved)
+        ctx.counts, ctx.act_fn, ctx.dtype, ctx.experts = counts, act_fn, dtype, list(expert_weights) if keep else []
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         x, token, weight, gate_up, down, gate_up_bias, down_bias, *saved = ctx.saved_tensors
+        n = 2 * len(ctx.experts)
+        expert_weights = dict(zip(ctx.experts, zip(saved[:n:2], saved[1:n:2])))  # e -> (gate_up, down) in dtype
+        saved = saved[n:]
         _, need_x, _, need_weight, need_gate_up, need_down, need_gate_up_bias, need_down_bias = ctx.needs_input_grad[:8]
         dtype, inter, counts = ctx.dtype, down.shape[-1], ctx.counts
         dx = torch.zeros_like(x) if need_x else None  # (N, H)
@@ -111,13 +119,14 @@ class _LoopedExperts(torch.autograd.Function):
         d_down_bias = _per_expert_buffer(down_bias, counts) if need_down_bias else None  # (E, H)
         chunks = _chunks(counts, max(1, _CHUNK_BYTES // (2 * inter * dtype.itemsize)))
         for (e, chunk, first), h, a in zip(chunks, saved[0::2], saved[1::2]):
+            w_gate_up, w_down = expert_weights[e]
             idx, w = token[chunk], weight[chunk, None].to(dtype)  # (r,), (r, 1)
             dy = d_out.index_select(0, idx).to(dtype)  # (r, H), gradient of the weighted output
-            g = dy @ down[e].to(dtype)  # (r, I)
+            g = dy @ w_down  # (r, I)
             if need_weight:
                 dw = torch.linalg.vecdot(g, a)  # (r,)
                 if down_bias is not None:
-                    dw += dy @ down_bias[e].to(dtype)
+                    dw += dy @ cast(down_bias[e], dtype)
                 d_weight[chunk] = dw
             dy.mul_(w)  # gradient of the expert output
             if need_down:
@@ -138,7 +147,7 @@ class _LoopedExperts(torch.autograd.Function):
             if need_gate_up_bias:
                 _accumulate_sum(d_gate_up_bias[e], dh, first)
             if need_x:
-                dx.index_add_(0, idx, (dh @ gate_up[e].to(dtype)).to(dx.dtype))
+                dx.index_add_(0, idx, (dh @ w_gate_up).to(dx.dtype))
         return d_out, dx, None, d_weight, d_gate_up, d_down, d_gate_up_bias, d_down_bias, None, None, None
 
 
