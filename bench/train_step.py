@@ -25,11 +25,14 @@ Embedding lookups count 0.
     python bench/train_step.py                            # CPU float32 / CUDA bfloat16, auto
     python bench/train_step.py --hidden 512 --intermediate 1376 --layers 8 --steps 10
     python bench/train_step.py --skip-memory              # speed only
+    python bench/train_step.py --autocast bfloat16        # mixed precision, as the Trainer's bf16=True
+    python bench/train_step.py --compare-autocast bfloat16 --skip-memory   # float32 and bf16 autocast, interleaved
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -63,12 +66,18 @@ def upcycled(dense, args, stage: str):
     return model.train()
 
 
-def make_step(model, batch: dict, moe: bool):
+def autocast(device: str, amp: str | None):
+    """The Trainer's `bf16=True`: float32 master weights, forward under autocast (backward outside it)."""
+    return torch.autocast(device, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext()
+
+
+def make_step(model, batch: dict, moe: bool, device: str, amp: str | None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
     def step():
-        out = model(**batch, compute_logits=False) if moe else model(**batch)
+        with autocast(device, amp):
+            out = model(**batch, compute_logits=False) if moe else model(**batch)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -104,21 +113,33 @@ def flops_per_token(dense, args) -> dict[str, float]:
             "dense_flops": careful_dense, "moe_flops": careful_moe}
 
 
+KINDS = ("stage1", "stage2", "dense")
+
+
+def precisions(args) -> list[str | None]:
+    """Autocast dtypes the speed part times, interleaved: `--autocast`, then `--compare-autocast` if given."""
+    return [args.autocast] + ([args.compare_autocast] if args.compare_autocast else [])
+
+
+def step_name(kind: str, amp: str | None) -> str:
+    return kind if amp is None else f"{kind}@{amp}"
+
+
 def speed(args, device: str, dtype: torch.dtype) -> dict:
     dense = build_dense(args, args.vocab, device, dtype)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     lang_mask = (torch.arange(args.batch) % 2 == 0).long()[:, None].expand(args.batch, args.seq).to(device)  # half old
-    steps = {
-        "stage1": make_step(upcycled(dense, args, "stage1"), {"input_ids": ids, "labels": ids}, moe=True),
-        "stage2": make_step(upcycled(dense, args, "stage2"), {"input_ids": ids, "labels": ids, "lang_mask": lang_mask}, moe=True),
-        "dense": make_step(dense.requires_grad_(True), {"input_ids": ids, "labels": ids}, moe=False),
-    }
+    models = {"stage1": upcycled(dense, args, "stage1"), "stage2": upcycled(dense, args, "stage2"),
+              "dense": dense.requires_grad_(True)}
+    batches = {"stage1": {"input_ids": ids, "labels": ids}, "dense": {"input_ids": ids, "labels": ids},
+               "stage2": {"input_ids": ids, "labels": ids, "lang_mask": lang_mask}}
+    steps = {step_name(kind, amp): make_step(models[kind], batches[kind], kind != "dense", device, amp)
+             for amp in precisions(args) for kind in KINDS}
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     for it in range(args.warmup + args.steps):
-        order = names[it % 3:] + names[:it % 3]
-        for name in order:
+        for name in names[it % len(names):] + names[:it % len(names)]:
             t = timed(steps[name], device)
             if it >= args.warmup:
                 times[name].append(t)
@@ -174,12 +195,14 @@ def memory_worker(args, device: str, dtype: torch.dtype) -> dict:
             return _status_bytes("VmHWM") - base
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 
-    out = model(**batch, compute_logits=False) if moe else model(**batch)  # forward + backward only first
+    with autocast(device, args.autocast):  # forward + backward only first
+        out = model(**batch, compute_logits=False) if moe else model(**batch)
     out.loss.backward()
     del out
     fwd_bwd = peak()
     for _ in range(2):  # two full steps: the second runs with the AdamW state already allocated
-        out = model(**batch, compute_logits=False) if moe else model(**batch)
+        with autocast(device, args.autocast):
+            out = model(**batch, compute_logits=False) if moe else model(**batch)
         out.loss.backward()
         del out
         optimizer.step()
@@ -196,7 +219,8 @@ def memory(args) -> dict:
     passthrough = ["--hidden", args.hidden, "--intermediate", args.intermediate, "--layers", args.layers, "--heads",
                    args.heads, "--kv-heads", args.kv_heads, "--seq", args.seq, "--batch", args.batch, "--experts",
                    args.experts, "--top-k", args.top_k, "--mem-vocab", args.mem_vocab, "--chunk-size", args.chunk_size,
-                   "--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
+                   "--device", args.device] + (["--dtype", args.dtype] if args.dtype else []) + (
+                   ["--autocast", args.autocast] if args.autocast else [])
     for variant in ("moe", "dense"):
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", variant] + [str(a) for a in passthrough]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -224,6 +248,11 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=512, help="lm_loss_chunk_size: target tokens per LM-loss chunk")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--autocast", default=None,
+                   help="forward under autocast to this dtype, float32 weights (the Trainer's bf16=True)")
+    p.add_argument("--compare-autocast", default=None,
+                   help="also time every step under autocast to this dtype, interleaved with the others (speed part)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-worker", choices=["moe", "dense"], help=argparse.SUPPRESS)
@@ -231,29 +260,40 @@ def main() -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     args.device = device
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.memory_worker:
         print(json.dumps(memory_worker(args, device, dtype)))
         return
 
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where}; dtype {dtype}; torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}")
+    print(f"device: {where}; dtype {dtype}; autocast {args.autocast or 'off'}; torch {torch.__version__}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     print(f"model: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{args.heads}/{args.kv_heads} heads; batch {args.batch} x seq {args.seq}; MoE {args.experts} experts top-{args.top_k}")
     if not args.skip_speed:
         r = speed(args, device, dtype)
         print(f"\n[speed] vocab {args.vocab}; median of {args.steps} interleaved steps after {args.warmup} warm-up")
-        for name in ("stage1", "stage2", "dense"):
-            lo, hi = r["spread"][name]
-            print(f"  {name:7s} {r['median_s'][name] * 1e3:9.1f} ms/step  {r['tokens_per_s'][name]:10,.0f} tokens/s"
-                  f"  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f} ms)")
-        t1, t2 = r["median_s"]["stage1"] / r["median_s"]["dense"], r["median_s"]["stage2"] / r["median_s"]["dense"]
-        print(f"  step time ratio stage1/dense = {t1:.3f}; stage2/dense = {t2:.3f}")
+        for amp in precisions(args):
+            print(f"  autocast {amp or 'off'}:")
+            for kind in KINDS:
+                name = step_name(kind, amp)
+                lo, hi = r["spread"][name]
+                print(f"  {name:17s} {r['median_s'][name] * 1e3:9.1f} ms/step  {r['tokens_per_s'][name]:10,.0f} tokens/s"
+                      f"  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f} ms)")
+            t1 = r["median_s"][step_name("stage1", amp)] / r["median_s"][step_name("dense", amp)]
+            t2 = r["median_s"][step_name("stage2", amp)] / r["median_s"][step_name("dense", amp)]
+            print(f"    step time ratio stage1/dense = {t1:.3f}; stage2/dense = {t2:.3f}")
+            for name, ratio in (("6N", r["ratio_6n"]), ("careful", r["ratio_careful"])):
+                verdict = "PASS" if t1 <= 1.1 * ratio else "FAIL"
+                print(f"    target stage1/dense time <= 1.1 x FLOPs ratio ({name}): {t1:.3f} <= {1.1 * ratio:.3f}  {verdict}")
         print(f"  active params: dense {r['dense_active_params']:,}, stage-1 MoE {r['moe_active_params']:,}")
         print(f"  training-FLOPs ratio stage1/dense: 6N {r['ratio_6n']:.3f}; careful {r['ratio_careful']:.3f}")
-        for label, ratio in (("6N", r["ratio_6n"]), ("careful", r["ratio_careful"])):
-            verdict = "PASS" if t1 <= 1.1 * ratio else "FAIL"
-            print(f"  target stage1/dense time <= 1.1 x FLOPs ratio ({label}): {t1:.3f} <= {1.1 * ratio:.3f}  {verdict}")
+        if args.compare_autocast:
+            base, other = args.autocast, args.compare_autocast
+            print("  speed-up of autocast " + other + " over " + (base or "float32") + ": " + ", ".join(
+                f"{kind} {r['median_s'][step_name(kind, base)] / r['median_s'][step_name(kind, other)]:.2f}x" for kind in KINDS))
     if not args.skip_memory:
         m = memory(args)
         unit = "max_memory_allocated" if device == "cuda" else "peak RSS (VmHWM)"

@@ -4,9 +4,11 @@ Routing follows MoE-LPR Eq. 1–3 (method.md §1.1): G(x) = softmax(x·W_r) over
 top-k, weights renormalised over the chosen k when k > 1 (with k = 1 the raw probability scales the output,
 as the official code does, so the router keeps a gradient), y = Σ_{i∈T} w_i·E_i(x).
 
-Dispatch groups token–expert pairs by expert with one stable sort, runs expert 0 (the original module) on
-its slice and every new-expert group with one grouped matmul, and adds the weighted results back with
-`index_add_`. Nothing of shape (tokens × experts × hidden) is materialised.
+Dispatch groups token–expert pairs by expert with one stable sort and adds the weighted results back with
+`index_add_`. Training on accelerators runs all experts (expert 0 included) in one grouped matmul per
+projection; otherwise expert 0 (the original module) runs on its rows and each new-expert group through
+`StackedExperts.forward` (grouped matmul on accelerators, the per-expert loop of `looped.py` on CPU).
+Nothing of shape (tokens × experts × hidden) is materialised.
 
 Shapes: N = tokens, H = hidden, I = intermediate, E = experts of this layer, k = top-k, P = N·k pairs.
 """
@@ -19,7 +21,8 @@ from torch import nn
 
 from .arch import activation, gate_up_down
 from .classifier import LanguageClassifier
-from .grouped import grouped_linear, grouped_mm_available
+from .grouped import compute_dtype, grouped_mlps, use_grouped_mm
+from .looped import add_looped
 
 
 class StackedExperts(nn.Module):
@@ -62,23 +65,19 @@ class StackedExperts(nn.Module):
                 experts.down_bias.copy_(down_bias.expand_as(experts.down_bias))
         return experts
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows of `x` `(M, H)` sorted by expert, `counts[e]` rows for expert e → `(M, H)`."""
-        if x.shape[0] == 0:
-            empty = x.new_zeros(0, self.down_proj.shape[1])
+    def forward(self, out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+        """Add `weight[p] · expert_e(x[token[p]])` into `out` `(N, H)`, pairs p sorted by expert, `counts[e]` each."""
+        if token.shape[0] == 0:
             if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
                 # Keep the weights in the graph so DDP never sees them as unused when no token chose them.
-                empty = empty + 0.0 * sum(p.sum() for p in self.parameters())
-            return empty
-        offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # (E,)
-        h = grouped_linear(x, self.gate_up_proj, counts, offsets)  # (M, 2I)
-        if self.gate_up_bias is not None:
-            h = h + self.gate_up_bias.repeat_interleave(torch.tensor(counts, device=x.device), dim=0, output_size=x.shape[0])
-        gate, up = h.chunk(2, dim=-1)  # (M, I) each
-        y = grouped_linear(self.act_fn(gate) * up, self.down_proj, counts, offsets)  # (M, H)
-        if self.down_bias is not None:
-            y = y + self.down_bias.repeat_interleave(torch.tensor(counts, device=x.device), dim=0, output_size=x.shape[0])
-        return y
+                out = out + 0.0 * sum(p.sum() for p in self.parameters())
+            return out
+        params = (self.gate_up_proj, self.down_proj, self.gate_up_bias, self.down_bias, self.act_fn)
+        if use_grouped_mm(x, self.gate_up_proj) and use_grouped_mm(x, self.down_proj):
+            ys = grouped_mlps(x.index_select(0, token), counts, *params)  # (M, H)
+            return out.index_add_(0, token, ys * weight.unsqueeze(-1))
+        return add_looped(out, x, token, weight, counts, *params)
 
 
 class MoEBlock(nn.Module):
@@ -156,52 +155,50 @@ class MoEBlock(nn.Module):
             pair_token = None
         order = pair_expert.argsort(stable=True)  # (P,) pairs sorted by expert
         token = order // k if pair_token is None else pair_token[order]  # (P,) token of each sorted pair
-        xs = x.index_select(0, token)  # (P, H); backward is an index_add, not a sorting index_put
+        weight = pair_weight.index_select(0, order).to(x.dtype)  # (P,)
+        out = torch.zeros_like(x)  # (N, H)
         if self._single_grouped_call(x):
-            ys = self._all_experts_grouped(xs, pair_expert)
-        else:
-            ys = self._per_group(xs, torch.bincount(pair_expert, minlength=self.num_experts).tolist())
-        ys = ys * pair_weight.index_select(0, order).unsqueeze(-1).to(x.dtype)  # (P, H)
-        return torch.zeros_like(x).index_add_(0, token, ys)  # (N, H)
-
-    def _per_group(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Expert 0 = the dense module on its rows, then one grouped call per expansion group (host counts).
-
-        Used on CPU, where the extra weight-gradient work of the single-call path would cost real time.
-        """
-        outputs = [self.original(xs[: counts[0]])] if counts[0] else []
+            ys = self._all_experts_grouped(x.index_select(0, token), pair_expert)  # (P, H)
+            return out.index_add_(0, token, ys * weight.unsqueeze(-1))
+        counts = torch.bincount(pair_expert, minlength=self.num_experts).tolist()
+        if counts[0]:  # expert 0: the original module on its rows
+            rows = token[: counts[0]]
+            out.index_add_(0, rows, self.original(x.index_select(0, rows)) * weight[: counts[0], None])
         row, first = counts[0], 1
         for group in self.experts:
             group_counts = counts[first : first + group.num_experts]
-            rows = sum(group_counts)
-            if rows or torch.is_grad_enabled():  # an idle group is skipped when nothing needs its gradient
-                outputs.append(group(xs[row : row + rows], group_counts))
-            row, first = row + rows, first + group.num_experts
-        return torch.cat(outputs)  # (P, H)
+            end = row + sum(group_counts)
+            if end > row or torch.is_grad_enabled():  # an idle group is skipped when nothing needs its gradient
+                out = group(out, x, token[row:end], weight[row:end], group_counts)
+            row, first = end, first + group.num_experts
+        return out
 
     def _single_grouped_call(self, x: torch.Tensor) -> bool:
         """Training on accelerators: all experts (expert 0 included) in one grouped matmul, no host sync.
 
-        Not on CPU (the discarded expert-0 weight gradient costs real time there) and not for inference,
-        where concatenating every expert's weights per call would read them all; decoding then touches
-        only the experts its tokens chose.
+        Not on CPU (`use_grouped_mm`: the per-expert loop is faster there, and the discarded expert-0 weight
+        gradient would cost real time) and not for inference, where concatenating every expert's weights per
+        call would read them all; decoding then touches only the experts its tokens chose.
         """
-        if x.device.type == "cpu" or not torch.is_grad_enabled() or any(g.gate_up_bias is not None for g in self.experts):
+        if not torch.is_grad_enabled() or any(g.gate_up_bias is not None for g in self.experts):
             return False
-        return grouped_mm_available(x, self.experts[0].down_proj) and grouped_mm_available(x, self.experts[0].gate_up_proj)
+        return use_grouped_mm(x, self.experts[0].down_proj) and use_grouped_mm(x, self.experts[0].gate_up_proj)
 
     def _all_experts_grouped(self, xs: torch.Tensor, pair_expert: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert → outputs, all experts in one `grouped_mm` per projection, offsets on device.
 
         Expert 0's weights are concatenated in front of the stacked new experts (a copy of one MLP per call);
         with trainable new experts the backward also forms expert 0's weight gradient, which is discarded.
+        Under autocast the float32 master weights are cast to autocast's dtype, as `F.linear` would.
         """
+        dtype = compute_dtype(xs)
         gate_up0, down0, _, _ = gate_up_down(self.original)
-        gate_up = torch.cat([gate_up0[None], *(g.gate_up_proj for g in self.experts)])  # (E, 2I, H)
-        down = torch.cat([down0[None], *(g.down_proj for g in self.experts)])  # (E, H, I)
+        gate_up = torch.cat([gate_up0[None], *(g.gate_up_proj for g in self.experts)]).to(dtype)  # (E, 2I, H)
+        down = torch.cat([down0[None], *(g.down_proj for g in self.experts)]).to(dtype)  # (E, H, I)
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=xs.device)
         counts.scatter_add_(0, pair_expert.to(torch.int64), torch.ones_like(pair_expert, dtype=torch.int32))  # (E,)
         offsets = counts.cumsum(0, dtype=torch.int32)  # no host sync (bincount would read the max back)
+        xs = xs.to(dtype)
         gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)  # (P, I) each
         return F.grouped_mm(self.experts[0].act_fn(gate) * up, down.transpose(-2, -1), offs=offsets)  # (P, H)
 
