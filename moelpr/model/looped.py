@@ -5,7 +5,9 @@ the tokens, runs the gated MLP `act(x·G_e) ⊙ (x·U_e) · D_e`, scales by the 
 result into the output with `index_add_`. Its hand-written backward does the matmuls of autograd over the
 same loop (the official code's dispatch) with fewer element-wise passes and allocations:
 - act(gate) is recomputed, not saved, and the expert output is not saved at all: the routing-weight
-  gradient is <dout·D_e, act(gate)·up>, from tensors the backward has anyway;
+  gradient is <dout·D_e, act(gate)·up>, from tensors the backward has anyway; act(gate)·up is saved only
+  when the down projection trains (stage 1), and recomputed when only routers and inputs need gradients
+  (stage 2), so frozen experts save their pre-activations alone;
 - gate and up stay one `(rows, 2I)` matmul forward and backward (two matmuls per expert and direction, as
   in the floor of `bench/moe_layer.py`), with no concatenation of their gradients;
 - the input gradient goes into one `(N, H)` buffer, not one full-size zero tensor per expert;
@@ -79,11 +81,12 @@ def add_looped(out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: 
 
 class _LoopedExperts(torch.autograd.Function):
     """Saves, when a backward can follow, each used expert's weights in the compute dtype (cast once, as
-    autocast's `F.linear` saves its casts) and, per chunk, [gate, up] and act(gate)·up."""
+    autocast's `F.linear` saves its casts) and, per chunk, [gate, up] and (if `down` trains) act(gate)·up."""
 
     @staticmethod
     def forward(ctx, out, x, token, weight, gate_up, down, gate_up_bias, down_bias, counts, act_fn, keep):
         dtype, inter = compute_dtype(x), down.shape[-1]
+        keep_a = keep and ctx.needs_input_grad[5]  # act(gate)·up feeds only the down projection's gradient
         expert_weights, saved = {}, []
         for e, chunk, first in _chunks(counts, max(1, _CHUNK_BYTES // (2 * inter * dtype.itemsize))):
             if first:
@@ -96,11 +99,12 @@ class _LoopedExperts(torch.autograd.Function):
             y = F.linear(a, w_down, None if down_bias is None else cast(down_bias[e], dtype))  # (r, H)
             out.index_add_(0, idx, y.to(out.dtype).mul_(weight[chunk, None]))
             if keep:
-                saved += [h, a]
+                saved += [h, a] if keep_a else [h]
         ctx.mark_dirty(out)
         cast_weights = [w for pair in expert_weights.values() for w in pair] if keep else []
         ctx.save_for_backward(x, token, weight, gate_up, down, gate_up_bias, down_bias, *cast_weights, *saved)
         ctx.counts, ctx.act_fn, ctx.dtype, ctx.experts = counts, act_fn, dtype, list(expert_weights) if keep else []
+        ctx.keep_a = keep_a
         return out
 
     @staticmethod
@@ -118,9 +122,16 @@ class _LoopedExperts(torch.autograd.Function):
         d_gate_up_bias = _per_expert_buffer(gate_up_bias, counts) if need_gate_up_bias else None  # (E, 2I)
         d_down_bias = _per_expert_buffer(down_bias, counts) if need_down_bias else None  # (E, H)
         chunks = _chunks(counts, max(1, _CHUNK_BYTES // (2 * inter * dtype.itemsize)))
-        for (e, chunk, first), h, a in zip(chunks, saved[0::2], saved[1::2]):
+        per_chunk = zip(saved[0::2], saved[1::2]) if ctx.keep_a else ((h, None) for h in saved)
+        for (e, chunk, first), (h, a) in zip(chunks, per_chunk):
             w_gate_up, w_down = expert_weights[e]
             idx, w = token[chunk], weight[chunk, None].to(dtype)  # (r,), (r, 1)
+            gate, up = h[:, :inter], h[:, inter:]  # (r, I) each
+            with torch.enable_grad():
+                gate_ = gate.detach().requires_grad_(True)
+                act = ctx.act_fn(gate_)  # (r, I), recomputed rather than saved
+            if a is None and need_weight:
+                a = act.detach() * up  # (r, I), recomputed: only the routing weight's gradient needs it
             dy = d_out.index_select(0, idx).to(dtype)  # (r, H), gradient of the weighted output
             g = dy @ w_down  # (r, I)
             if need_weight:
@@ -134,12 +145,8 @@ class _LoopedExperts(torch.autograd.Function):
             if need_down_bias:
                 _accumulate_sum(d_down_bias[e], dy, first)
             da = g.mul_(w)  # (r, I)
-            gate, up = h[:, :inter], h[:, inter:]  # (r, I) each
             dh = torch.empty_like(h)  # (r, 2I): [d gate, d up]
-            with torch.enable_grad():
-                gate_ = gate.detach().requires_grad_(True)
-                act = ctx.act_fn(gate_)  # (r, I), recomputed rather than saved
-                (d_gate,) = torch.autograd.grad(act, gate_, da * up)  # (r, I)
+            (d_gate,) = torch.autograd.grad(act, gate_, da * up)  # (r, I)
             dh[:, :inter] = d_gate
             torch.mul(act.detach(), da, out=dh[:, inter:])
             if need_gate_up:

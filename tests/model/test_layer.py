@@ -144,6 +144,25 @@ def test_frozen_original_and_unchosen_expert_get_no_gradient(path, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("path, bias", [(p, b) for p in PATHS for b in (False, True) if not (p == "single_call" and b)])
+def test_router_only_training_matches_naive(path, bias, monkeypatch):
+    """Stage 2: every expert frozen, the routers and the input get gradients, as naive's."""
+    force_path(monkeypatch, path)
+    block = make_block((2, 3), top_k=2, bias=bias)
+    block.original.requires_grad_(False)
+    for group in block.experts:
+        group.requires_grad_(False)
+    x1 = torch.randn(18, 32, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    routers = [r.weight for r in block.routers]
+    y = block(x1)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x1, *routers], grad_out)
+    expected = torch.autograd.grad(naive(block, x2), [x2, *routers], grad_out)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_bf16_autocast_with_float32_weights(path, monkeypatch):
     """Mixed precision (float32 master weights, bf16 autocast): every path runs and matches the naive block."""
