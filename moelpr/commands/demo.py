@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new", type=_codes, default=("tr", "hu", "uk"), metavar="CODES",
                         help="man-page languages to add, comma-separated (default tr,hu,uk)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="training and evaluation precision; auto = bf16 only on CPUs with native bf16 matmuls "
-                             "(default auto)")
+                        help="training and evaluation precision; auto = float32, except bf16 for --sizes large on CPUs "
+                             "with native bf16 matmuls (default auto; docs/demo.md has the measurements)")
     parser.add_argument("--overwrite", action="store_true", help="replace a demo run made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

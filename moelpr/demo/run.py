@@ -12,12 +12,13 @@ the same number of optimiser steps × blocks:
     moe_stage1         MoE-LPR stage 1 only (the paper's "w/o Review")
     moe_review_no_lpr  stage 1 + stage 2 with lpr_loss_coef 0 (the paper's "w/o LPR")
     moe_lpr_no_copy    stage 1 with randomly initialised new experts + the MoE-LPR stage 2 ("w/o Expert-Copy")
-    moe_lpr            stage 1 + stage 2 with the LPR loss (MoE-LPR)
+    moe_lpr            stage 1 + stage 2 with the LPR loss (MoE-LPR), γ chosen on validation from the γ grid
     layermoe           LayerMoE: similarity on the base -> per-layer allocation -> stage 1 -> stage 2 with LPR and
                          a language-group classifier on the most similar layer(s); MoE-LPR's data, steps and rates
 
 Every row is evaluated on the validation pages (where the settings were chosen) and on the test pages (the
-report). The γ trade-off and the review curve are stage-2 sweeps from the same stage-1 model, on validation.
+report). The γ grid and the review curve are stage-2 sweeps from the same stage-1 model, on validation; the
+rows with MoE-LPR's stage 2 take the γ that `choose_gamma` picks from the grid's validation numbers.
 
 Output directory::
 
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from moelpr.demo.claims import OLD_TOLERANCE
 from moelpr.demo.settings import DemoSizes, check_or_write_settings, preset_sizes, resolve_precision, settings_record
 from moelpr.errors import UserError
 
@@ -162,8 +164,9 @@ def stage2_steps(review_tokens: int, sizes: DemoSizes) -> int:
     return max(1, round(sizes.stage2_epochs * review_tokens / (sizes.batch_size * sizes.cutoff_len)))
 
 
-def _plans(out: Path, sizes: DemoSizes, mix: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Recipe keys of each trained run: the rows (the base's included) and the validation sweeps."""
+def _plans(out: Path, sizes: DemoSizes, mix: dict[str, Any], gamma: float | None) -> dict[str, dict[str, Any]]:
+    """Recipe keys of each trained run: the rows (the base's included) and the validation sweeps; `gamma` is the
+    LPR coefficient of MoE-LPR's stage 2 (None before it is chosen: those runs must not be trained yet)."""
     from moelpr.demo.data import review_name
 
     data, models = out / "data", out / "models"
@@ -171,7 +174,7 @@ def _plans(out: Path, sizes: DemoSizes, mix: dict[str, Any]) -> dict[str, dict[s
     baseline = {"corpora": str(data / "baselines.yaml"), "model": str(models / "base"),
                 "steps": sizes.stage1_steps + s2_steps, "lr": sizes.lr}
     review = {"method": "moe", "stage": 2, "model": str(models / "moe_stage1"), "corpora": str(data / "review.yaml"),
-              "steps": s2_steps, "lr": sizes.stage2_lr, "lpr_loss_coef": sizes.lpr_loss_coef,
+              "steps": s2_steps, "lr": sizes.stage2_lr, "lpr_loss_coef": gamma,
               "lpr_loss_reduction": sizes.lpr_loss_reduction}
     stage1 = {"method": "moe", "stage": 1, "model": str(models / "base"), "corpora": str(data / "stage1.yaml"),
               "num_experts": sizes.num_experts, "top_k": sizes.top_k, "steps": sizes.stage1_steps, "lr": sizes.lr}
@@ -195,8 +198,8 @@ def _plans(out: Path, sizes: DemoSizes, mix: dict[str, Any]) -> dict[str, dict[s
                      "similarity": str(out / "layermoe" / "similarity.json"),
                      "classifier_top_k": sizes.classifier_top_k},
     }
-    for gamma in sizes.gamma_sweep:
-        plans[gamma_run(gamma)] = {**review, "lpr_loss_coef": gamma}
+    for g in sizes.gamma_grid:
+        plans[gamma_run(g)] = {**review, "lpr_loss_coef": g}
     for scale in sizes.review_scales:
         if scale != 1:
             tokens = mix["reviews"][review_name(scale)]["tokens"]
@@ -206,8 +209,21 @@ def _plans(out: Path, sizes: DemoSizes, mix: dict[str, Any]) -> dict[str, dict[s
 
 
 def gamma_run(gamma: float) -> str:
-    """The run name of one point of the γ sweep (γ = 0 and the default γ are the rows moe_review_no_lpr, moe_lpr)."""
+    """The run name of one point of the γ grid (γ = 0 is the row moe_review_no_lpr)."""
     return f"sweeps/gamma_{gamma:g}"
+
+
+def choose_gamma(old_ppl: dict[float, float], base_old_ppl: float, tolerance: float) -> tuple[float, str]:
+    """MoE-LPR's γ from the grid's validation mean old-language perplexities: the smallest γ within `tolerance`
+    of the base's (it keeps the most new-language gain under claim 3), else the γ that forgets least. Returns
+    (γ, the reason in words)."""
+    ratios = {g: old_ppl[g] / base_old_ppl for g in sorted(old_ppl)}
+    listed = ", ".join(f"γ {g:g}: {r - 1:+.1%}" for g, r in ratios.items())
+    within = [g for g, r in ratios.items() if r <= 1 + tolerance]
+    if within:
+        return within[0], f"the smallest γ whose validation old-language ppl is within {tolerance:.0%} of the base's ({listed})"
+    best = min(ratios, key=ratios.get)
+    return best, f"no γ keeps the validation old-language ppl within {tolerance:.0%} of the base's; the one that forgets least ({listed})"
 
 
 def review_run(scale: float) -> str:
@@ -228,6 +244,19 @@ def _train(name: str, plan: dict[str, Any], out: Path, sizes: DemoSizes, *, seed
                           **_training_args(sizes, lr=plan["lr"], steps=plan["steps"], seed=seed, precision=precision,
                                            progress=progress)})
     return train(recipe)
+
+
+def _copy_model(source: Path, target: Path) -> None:
+    """A trained model directory copied whole (through a temporary name), unless `target` holds one already."""
+    import shutil
+
+    if (target / "config.json").is_file():
+        return
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
 
 
 def _layermoe_allocation(out: Path, sizes: DemoSizes) -> Path:
@@ -376,8 +405,8 @@ def _figures(out: Path, results: dict) -> list[str]:
 
     refs = {name: avg(results["methods"][name]["validation"]) for name in ("base", "full")}
     sweeps = results["sweeps"]
-    gamma = [SweepPoint(p["gamma"], f"γ={p['gamma']:g}", *avg(p["validation"]), default=p["run"] == "moe_lpr")
-             for p in sweeps["gamma"]]
+    gamma = [SweepPoint(p["gamma"], f"γ={p['gamma']:g}", *avg(p["validation"]),
+                        default=p["gamma"] == sweeps["chosen_gamma"]) for p in sweeps["gamma"]]
     review = [SweepPoint(p["review_tokens"], f"{p['review_tokens']:,}", *avg(p["validation"]),
                          default=p["run"] == "moe_lpr") for p in sweeps["review"]]
     ceilings = {name: [layer["lpr_only"]["mean_p0_old"] for layer in probes]
@@ -426,6 +455,8 @@ def _report(out: Path, results: dict, settings: dict, mix: dict, pretrain: dict,
         "language of the test pages (the tables below) and of the validation pages (where the settings were chosen; "
         "`results.json` → `methods.<m>.validation`, the sweeps). "
         f"Time: {total:.0f} s for the steps run in this invocation or earlier ones (timing.json).", "",
+        f"MoE-LPR's LPR coefficient (also LayerMoE's and the w/o-Expert-Copy row's): γ = "
+        f"{results['sweeps']['chosen_gamma']:g}, {results['sweeps']['gamma_reason']}.", "",
         claims_markdown(results["claims"]),
         diagnosis_markdown(results),
         _experts_markdown(results["experts"]),
@@ -436,7 +467,8 @@ def _report(out: Path, results: dict, settings: dict, mix: dict, pretrain: dict,
 
 # ---- the pipeline ------------------------------------------------------------------------------------------------
 
-def _sweep_points(sizes: DemoSizes, mix: dict, evals: dict[str, dict], sweep_evals: dict[str, dict]) -> dict:
+def _sweep_points(sizes: DemoSizes, mix: dict, evals: dict[str, dict], sweep_evals: dict[str, dict],
+                  gamma_choice: tuple[float, str]) -> dict:
     """The γ trade-off and the review curve on validation, each point with the run it comes from."""
     from moelpr.demo.data import review_name
 
@@ -444,9 +476,8 @@ def _sweep_points(sizes: DemoSizes, mix: dict, evals: dict[str, dict], sweep_eva
         res = evals[name]["validation"] if name in evals else sweep_evals[name]
         return {k: res[k] for k in ("ppl", "bpb", "avg", "routing") if k in res}
 
-    gammas = sorted({0.0, sizes.lpr_loss_coef, *sizes.gamma_sweep})
-    gamma = [{"gamma": g, "run": "moe_review_no_lpr" if g == 0 else "moe_lpr" if g == sizes.lpr_loss_coef
-              else gamma_run(g)} for g in gammas]
+    gamma = [{"gamma": g, "run": "moe_review_no_lpr" if g == 0 else gamma_run(g)}
+             for g in sorted({0.0, *sizes.gamma_grid})]
     review = [{"scale": 0.0, "review_tokens": 0, "replay_tokens": 0, "steps": 0, "run": "moe_stage1"}]
     for scale in sorted(sizes.review_scales):
         stats = mix["reviews"][review_name(scale)]
@@ -455,7 +486,7 @@ def _sweep_points(sizes: DemoSizes, mix: dict, evals: dict[str, dict], sweep_eva
                        "run": "moe_lpr" if scale == 1 else review_run(scale)})
     for point in gamma + review:
         point["validation"] = val(point["run"])
-    return {"gamma": gamma, "review": review, "default_gamma": sizes.lpr_loss_coef}
+    return {"gamma": gamma, "review": review, "chosen_gamma": gamma_choice[0], "gamma_reason": gamma_choice[1]}
 
 
 def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: str | None = None,
@@ -492,7 +523,7 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
         langs = _user_languages(user_files)
     preset = "custom" if custom_sizes is not None else sizes
     sizes_ = custom_sizes or preset_sizes(sizes)
-    settings = settings_record(sizes_, preset=preset, seed=seed, precision=resolve_precision(precision),
+    settings = settings_record(sizes_, preset=preset, seed=seed, precision=resolve_precision(precision, sizes_),
                                languages=langs, corpora=None if corpora is None else user_files)
     check_or_write_settings(out, settings, overwrite=overwrite)
     timing_file = out / "timing.json"
@@ -517,7 +548,7 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
     pretrain_stats = json.loads((pretrain / "pretrain_stats.json").read_text())
     tokenizer = timed("setup", "tokenizer", lambda: _tokenizer(out, pretrain / "base.yaml", langs, sizes_))
     mix = timed("setup", "data", lambda: _mixes(out, pretrain, tokenizer, sizes_))
-    plans = _plans(out, sizes_, mix)
+    plans = _plans(out, sizes_, mix, gamma=None)
     log(f"[demo] data: base {100 * mix['base_new_token_share']:.1f}% new-language tokens; stage 1 "
         f"{mix['stage1_tokens']:,} new-language tokens; review {mix['review_tokens']:,} tokens (replay "
         f"{mix['replay_tokens']:,} old); stage 2 = {plans['moe_lpr']['steps']} steps; baselines = "
@@ -531,22 +562,35 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
             name, model_dir, split, split_files[split], out, sizes_, precision=settings["precision"], progress=progress))
             for split in splits}
 
+    def sweep(name: str) -> None:
+        sweep_evals[name] = run(name, name, ("validation",))["validation"]
+        log(f"[demo] {name:<18} validation old ppl {sweep_evals[name]['avg']['old']['ppl']:8.2f}   "
+            f"new ppl {sweep_evals[name]['avg']['new']['ppl']:8.2f}   {sum(timing[name].values()):6.1f}s")
+
     evals: dict[str, dict] = {}
+    sweep_evals: dict[str, dict] = {}
+    gamma_choice: tuple[float, str] | None = None
     for name in METHODS:
+        if plans[name].get("lpr_loss_coef", 0.0) is None:  # the first row with MoE-LPR's stage 2: choose its γ
+            for g in sizes_.gamma_grid:
+                sweep(gamma_run(g))
+            gamma_choice = choose_gamma({g: sweep_evals[gamma_run(g)]["avg"]["old"]["ppl"] for g in sizes_.gamma_grid},
+                                        evals["base"]["validation"]["avg"]["old"]["ppl"], OLD_TOLERANCE)
+            log(f"[demo] γ = {gamma_choice[0]:g} for MoE-LPR's stage 2: {gamma_choice[1]}")
+            plans = _plans(out, sizes_, mix, gamma=gamma_choice[0])
         if name == "layermoe":
             timed(name, "allocate", lambda: _layermoe_allocation(out, sizes_))
         for first in PREREQUISITES.get(name, ()):
             timed(name, "train_stage1", lambda: _train(first, plans[first], out, sizes_, seed=seed,
                                                        precision=settings["precision"], progress=progress))
+        if name == "moe_lpr":  # the chosen point of the γ grid is the row: the same model, not trained again
+            _copy_model(out / "models" / gamma_run(gamma_choice[0]), out / "models" / name)
         split_results = run(name, name, SPLITS)
         evals[name] = {**split_results["test"], "validation": split_results["validation"]}
         log(_line(name, evals[name], evals.get("base"), sum(timing[name].values())))
 
-    sweep_evals = {}
-    for name in [n for n in plans if n.startswith("sweeps/")]:
-        sweep_evals[name] = run(name, name, ("validation",))["validation"]
-        log(f"[demo] {name:<18} validation old ppl {sweep_evals[name]['avg']['old']['ppl']:8.2f}   "
-            f"new ppl {sweep_evals[name]['avg']['new']['ppl']:8.2f}   {sum(timing[name].values()):6.1f}s")
+    for name in [n for n in plans if n.startswith("sweeps/") and n not in sweep_evals]:
+        sweep(name)
 
     probes = {"moe_lpr": timed("moe_lpr", "probes", lambda: _probes("moe_lpr", out, split_files["validation"], sizes_))}
     dense_layer = {"moe_lpr": timed("moe_lpr", "dense_layer", lambda: _dense_layer_effects(
@@ -554,7 +598,8 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
     experts = {name: _expert_budget(out / "models" / name) for name in ("moe_lpr", "layermoe")}
     results = {"languages": langs, "methods": evals, "experts": experts, "probes": probes,
                "dense_layer": dense_layer,
-               "sweeps": _sweep_points(sizes_, mix, evals, sweep_evals), "settings": settings, "data": mix,
+               "sweeps": _sweep_points(sizes_, mix, evals, sweep_evals, gamma_choice), "settings": settings,
+               "data": mix,
                "pretrain": pretrain_stats, "timing": timing}
     _report(out, results, settings, mix, pretrain_stats, timing)
     for claim in results["claims"]:

@@ -1,5 +1,5 @@
-"""The demo in the precision this CPU does not pick: `auto` forced the other way (the `--quick` run in
-test_demo_run.py takes the native one), so CI runs both the bf16 and the fp32 demo on any CPU."""
+"""The demo in both precisions on any CPU: `auto` with the native-bf16 detection forced each way (the `--quick`
+run in test_demo_run.py takes float32, `auto` at its sizes), so CI runs the bf16 and the fp32 demo anywhere."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import yaml
 
 from moelpr.demo import run as demo_run
@@ -18,7 +19,7 @@ MICRO = DemoSizes(vocab_size=300, hidden_size=32, num_layers=2, intermediate_siz
                   batch_size=4, base_steps=15, new_tokens_per_language=600, stage1_steps=2, replay_fraction=0.5,
                   stage2_epochs=1, eval_tokens_per_language=60, eval_batch_size=4, similarity_tokens=200,
                   layermoe_budget=5, lora_rank=2, llama_pro_blocks=1, loramoe_experts=2, loramoe_rank=2,
-                  review_scales=(1.0,), gamma_sweep=())
+                  review_scales=(1.0,), gamma_grid=(0.3,), auto_bf16=True)
 ALPHABETS = {"en": ("old", "abcdefghijklmnop"), "es": ("old", "aeioulmnrstdñ"),
              "el": ("new", "αβγδεζηθικλμνξοπ"), "ru": ("new", "абвгдежзийклмноп")}
 
@@ -41,8 +42,17 @@ def _corpora(root: Path, name: str, docs: int, seed: int) -> Path:
     return spec
 
 
-def test_demo_runs_in_the_precision_this_cpu_would_not_pick(tmp_path, monkeypatch):
-    forced_bf16 = not settings.cpu_has_native_bf16()
+def test_auto_is_bf16_only_where_the_sizes_ask_and_the_cpu_has_it(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native)
+        assert settings.resolve_precision("auto", settings.FULL) == "fp32"
+        assert settings.resolve_precision("auto", settings.QUICK) == "fp32"
+        assert settings.resolve_precision("auto", settings.LARGE) == ("bf16" if native else "fp32")
+        assert settings.resolve_precision("bf16", settings.FULL) == "bf16"
+
+
+@pytest.mark.parametrize("forced_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_demo_runs_in_both_precisions(tmp_path, monkeypatch, forced_bf16):
     monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: forced_bf16)
     precision = "bf16" if forced_bf16 else "fp32"
     out = tmp_path / "run"

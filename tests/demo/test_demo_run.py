@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from moelpr.cli import main
-from moelpr.demo.run import METHODS
+from moelpr.demo.claims import OLD_TOLERANCE
+from moelpr.demo.run import METHODS, choose_gamma
 from moelpr.demo.settings import QUICK, settings_record
 
 MANPAGE_PACKAGES = ("manpages", "manpages-es", "manpages-zh", "manpages-tr", "manpages-hu", "manpages-uk")
@@ -77,11 +78,20 @@ def test_quick_demo_writes_results_report_and_figures(quick_run):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert name in report
     sweeps = results["sweeps"]
-    assert [p["gamma"] for p in sweeps["gamma"]] == sorted({0.0, QUICK.lpr_loss_coef, *QUICK.gamma_sweep})
+    assert [p["gamma"] for p in sweeps["gamma"]] == sorted({0.0, *QUICK.gamma_grid})
+    # the row is the grid point the rule picks from the grid's own validation numbers, and was trained with it
+    base_old = results["methods"]["base"]["validation"]["avg"]["old"]["ppl"]
+    grid = {p["gamma"]: p["validation"]["avg"]["old"]["ppl"] for p in sweeps["gamma"] if p["gamma"] > 0}
+    assert sweeps["chosen_gamma"] == choose_gamma(grid, base_old, OLD_TOLERANCE)[0]
+    chosen = next(p for p in sweeps["gamma"] if p["gamma"] == sweeps["chosen_gamma"])
+    assert chosen["validation"]["ppl"] == results["methods"]["moe_lpr"]["validation"]["ppl"]
+    config = json.loads((out / "models" / "moe_lpr" / "config.json").read_text())
+    assert config["lpr_loss_coef"] == sweeps["chosen_gamma"]
+    assert f"γ = {sweeps['chosen_gamma']:g}" in report
     assert [p["scale"] for p in sweeps["review"]] == [0.0, *sorted(QUICK.review_scales)]
     tokens = [p["review_tokens"] for p in sweeps["review"]]
     assert tokens == sorted(tokens) and tokens[0] == 0 and len(set(tokens)) == len(tokens)
-    by_run = {p["run"]: p for p in sweeps["gamma"] + sweeps["review"]}
+    by_run = {p["run"]: p for p in sweeps["review"]}
     assert by_run["moe_lpr"]["validation"]["ppl"] == results["methods"]["moe_lpr"]["validation"]["ppl"]
     probes = results["probes"]["moe_lpr"]
     assert [p["layer"] for p in probes] == list(range(QUICK.num_layers))
@@ -205,3 +215,12 @@ def test_embedding_share_counts_the_base(quick_run):
     embeddings = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     sizes = json.loads((out / "demo_settings.json").read_text())["sizes"]
     assert embedding_share(sizes) == pytest.approx(embeddings / total)
+
+
+def test_gamma_rule_takes_the_smallest_within_tolerance_else_the_least_forgetting():
+    base = 100.0
+    assert choose_gamma({0.01: 108.0, 0.1: 104.0, 0.3: 103.0, 1.0: 105.5}, base, 0.05)[0] == 0.1
+    assert choose_gamma({1.0: 105.0, 0.3: 104.9}, base, 0.05)[0] == 0.3  # grid order does not matter
+    gamma, reason = choose_gamma({0.1: 109.0, 0.3: 106.0, 1.0: 107.0}, base, 0.05)
+    assert gamma == 0.3 and reason.startswith("no γ keeps") and "γ 0.3: +6.0%" in reason
+
