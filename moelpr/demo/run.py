@@ -221,9 +221,11 @@ def choose_gamma(old_ppl: dict[float, float], base_old_ppl: float, tolerance: fl
     listed = ", ".join(f"γ {g:g}: {r - 1:+.1%}" for g, r in ratios.items())
     within = [g for g, r in ratios.items() if r <= 1 + tolerance]
     if within:
-        return within[0], f"the smallest γ whose validation old-language ppl is within {tolerance:.0%} of the base's ({listed})"
+        return within[0], (f"the smallest γ whose validation old-language ppl is within {tolerance:.0%} of the "
+                           f"base's ({listed})")
     best = min(ratios, key=ratios.get)
-    return best, f"no γ keeps the validation old-language ppl within {tolerance:.0%} of the base's; the one that forgets least ({listed})"
+    return best, (f"no γ keeps the validation old-language ppl within {tolerance:.0%} of the base's; the one that "
+                  f"forgets least ({listed})")
 
 
 def review_run(scale: float) -> str:
@@ -574,8 +576,8 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
         if plans[name].get("lpr_loss_coef", 0.0) is None:  # the first row with MoE-LPR's stage 2: choose its γ
             for g in sizes_.gamma_grid:
                 sweep(gamma_run(g))
-            gamma_choice = choose_gamma({g: sweep_evals[gamma_run(g)]["avg"]["old"]["ppl"] for g in sizes_.gamma_grid},
-                                        evals["base"]["validation"]["avg"]["old"]["ppl"], OLD_TOLERANCE)
+            grid = {g: sweep_evals[gamma_run(g)]["avg"]["old"]["ppl"] for g in sizes_.gamma_grid}
+            gamma_choice = choose_gamma(grid, evals["base"]["validation"]["avg"]["old"]["ppl"], OLD_TOLERANCE)
             log(f"[demo] γ = {gamma_choice[0]:g} for MoE-LPR's stage 2: {gamma_choice[1]}")
             plans = _plans(out, sizes_, mix, gamma=gamma_choice[0])
         if name == "layermoe":

@@ -433,7 +433,8 @@ def figure_gamma_tradeoff(points: Sequence[SweepPoint], refs: Mapping[str, tuple
     ax.plot([p.new_bpb for p in pts], change, marker="o", color="C0", label="MoE-LPR stage 2, γ varied")
     for p, y in zip(pts, change):
         if p.default:
-            ax.scatter([p.new_bpb], [y], s=140, facecolors="none", edgecolors="C3", zorder=4, label="the γ chosen on validation")
+            ax.scatter([p.new_bpb], [y], s=140, facecolors="none", edgecolors="C3", zorder=4,
+                       label="the γ chosen on validation")
     for i, (name, (old, bpb)) in enumerate(refs.items()):
         y = 100 * (old - base_old) / base_old
         label = f"{name} ({y:+.1f}%, {bpb:.2f} bpb)"
