@@ -249,16 +249,15 @@ def _train(name: str, plan: dict[str, Any], out: Path, sizes: DemoSizes, *, seed
 
 
 def _copy_model(source: Path, target: Path) -> None:
-    """A trained model directory copied whole (through a temporary name), unless `target` holds one already."""
+    """A trained model directory copied whole (atomically), unless `target` holds one already."""
     import shutil
+
+    from moelpr.utils.atomic import atomic_output_dir
 
     if (target / "config.json").is_file():
         return
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def _layermoe_allocation(out: Path, sizes: DemoSizes) -> Path:
