@@ -33,10 +33,18 @@ from moelpr.model.capture import capture_router_logits, moe_blocks
 
 def build(args, device, dtype):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=4096,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     dense = LlamaForCausalLM(config).eval()
     moe = moelpr.upcycle(copy.deepcopy(dense), num_experts=args.experts, top_k=args.top_k).eval()
     with torch.no_grad():  # trained-like experts, so routing is not degenerate
@@ -55,8 +63,14 @@ def sync(device):
 def generate_seconds(model, ids, new_tokens, device) -> float:
     sync(device)
     start = time.perf_counter()
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     sync(device)
     return time.perf_counter() - start
 
@@ -74,14 +88,20 @@ def decode_tokens_per_s(model, ids, args, device) -> float:
 @torch.inference_mode()
 def experts_hit(moe, ids, args) -> float:
     """Mean distinct experts per layer chosen by the batch's tokens at one position (a decoding step)."""
-    out = moe.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
-                       do_sample=False, pad_token_id=0)
+    out = moe.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=0,
+    )
     with capture_router_logits(moe) as logits:
         moe(input_ids=out)
     batch, seq = out.shape
     hits = []
     for block, layer_logits in zip(moe_blocks(moe), logits):
-        chosen = block.route(layer_logits)[1].view(batch, seq, -1)[:, ids.shape[1]:]  # (B, new, k)
+        chosen = block.route(layer_logits)[1].view(batch, seq, -1)[:, ids.shape[1] :]  # (B, new, k)
         for pos in range(chosen.shape[1]):
             hits.append(chosen[:, pos].unique().numel())
     return statistics.mean(hits)
@@ -123,14 +143,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dense, moe = build(args, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device {name}, {str(dtype).removeprefix('torch.')}; Llama H={args.hidden} I={args.inter} L={args.layers} "
-          f"V={args.vocab}; MoE {args.experts} experts top-{args.top_k}; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}")
-    print("| batch | dense tok/s | MoE tok/s | measured MoE/dense | experts read/layer | bound (dense/MoE bytes) "
-          "| measured/bound | FLOP ratio (k experts) |")
+    print(
+        f"device {name}, {str(dtype).removeprefix('torch.')}; Llama H={args.hidden} I={args.inter} L={args.layers} "
+        f"V={args.vocab}; MoE {args.experts} experts top-{args.top_k}; prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, median of {args.repeats}"
+    )
+    print(
+        "| batch | dense tok/s | MoE tok/s | measured MoE/dense | experts read/layer | bound (dense/MoE bytes) "
+        "| measured/bound | FLOP ratio (k experts) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batches.split(",")]:
-        ids = torch.randint(1, args.vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
+        ids = torch.randint(1, args.vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)).to(
+            device
+        )
         dense_tps = decode_tokens_per_s(dense, ids, args, device)
         moe_tps = decode_tokens_per_s(moe, ids, args, device)
         hit = float(min(args.top_k, args.experts)) if batch == 1 else experts_hit(moe, ids, args)
@@ -138,8 +164,10 @@ def main() -> None:
         ratio, bound = moe_tps / dense_tps, dense_bytes / moe_bytes
         dense_active, moe_active = weight_bytes(dense, moe, float(min(args.top_k, args.experts)))
         flops = dense_active / moe_active  # per token, k experts (bytes ∝ parameters ∝ FLOPs)
-        print(f"| {batch} | {dense_tps:.1f} | {moe_tps:.1f} | {ratio:.3f} | {hit:.2f} | {bound:.3f} | {ratio / bound:.2f} "
-              f"| {flops:.3f} |")
+        print(
+            f"| {batch} | {dense_tps:.1f} | {moe_tps:.1f} | {ratio:.3f} | {hit:.2f} | {bound:.3f} | {ratio / bound:.2f} "
+            f"| {flops:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -79,8 +79,12 @@ class MatmulFloor:
                 continue
             x, dy, h, a = rand(n, hidden), rand(n, hidden), rand(n, 2 * inter), rand(n, inter)
             gate_up, down = rand(2 * inter, hidden), rand(hidden, inter)
-            mms = [(x, gate_up.t(), rand(n, 2 * inter)), (a, down.t(), rand(n, hidden)),  # forward
-                   (dy, down, rand(n, inter)), (h, gate_up, rand(n, hidden))]  # input gradients
+            mms = [
+                (x, gate_up.t(), rand(n, 2 * inter)),
+                (a, down.t(), rand(n, hidden)),  # forward
+                (dy, down, rand(n, inter)),
+                (h, gate_up, rand(n, hidden)),
+            ]  # input gradients
             if e > 0:  # weight gradients of the trained experts
                 mms += [(dy.t(), a, rand(hidden, inter)), (h.t(), x, rand(2 * inter, hidden))]
             self.work += mms
@@ -104,7 +108,11 @@ def build(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
         mlp = copy.deepcopy(original).requires_grad_(True)
         gate, up = stacked.gate_up_proj[e].detach().chunk(2)
         with torch.no_grad():
-            mlp.gate_proj.weight.copy_(gate), mlp.up_proj.weight.copy_(up), mlp.down_proj.weight.copy_(stacked.down_proj[e])
+            (
+                mlp.gate_proj.weight.copy_(gate),
+                mlp.up_proj.weight.copy_(up),
+                mlp.down_proj.weight.copy_(stacked.down_proj[e]),
+            )
         copies.append(mlp)
     reference = ReferenceMoE([original, *copies], copy.deepcopy(router), top_k)
     return ours, reference
@@ -131,8 +139,9 @@ def run_config(args, tokens: int, experts: int, dtype: torch.dtype, device: str)
     x = torch.randn(tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     counts = expert_counts(ours, x)
-    autocast = (torch.autocast(device, dtype=getattr(torch, args.autocast)) if args.autocast
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device, dtype=getattr(torch, args.autocast)) if args.autocast else contextlib.nullcontext()
+    )
 
     def step(block):
         def run():
@@ -140,25 +149,34 @@ def run_config(args, tokens: int, experts: int, dtype: torch.dtype, device: str)
             with autocast:
                 y = block(x)
             y.backward(grad)
+
         return run
 
     with torch.no_grad(), autocast:
         diff = (ours(x).float() - reference(x).float()).abs().max().item()
     compute = getattr(torch, args.autocast) if args.autocast else dtype
-    variants = {"ours": step(ours), "reference": step(reference),
-                "floor": MatmulFloor(counts, args.hidden, args.intermediate, compute, device)}
+    variants = {
+        "ours": step(ours),
+        "reference": step(reference),
+        "floor": MatmulFloor(counts, args.hidden, args.intermediate, compute, device),
+    }
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for it in range(args.warmup + args.rounds):
-        for name in names[it % 3:] + names[:it % 3]:
+        for name in names[it % 3 :] + names[: it % 3]:
             t = timed(variants[name], device)
             if it >= args.warmup:
                 times[name].append(t)
         for block in (ours, reference):
             block.zero_grad(set_to_none=True)
-    return {"tokens": tokens, "experts": experts, "counts": counts, "diff": diff,
-            "median": {n: statistics.median(v) for n, v in times.items()},
-            "spread": {n: (min(v), max(v)) for n, v in times.items()}}
+    return {
+        "tokens": tokens,
+        "experts": experts,
+        "counts": counts,
+        "diff": diff,
+        "median": {n: statistics.median(v) for n, v in times.items()},
+        "spread": {n: (min(v), max(v)) for n, v in times.items()},
+    }
 
 
 def main() -> None:
@@ -179,10 +197,14 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where}; dtype {dtype}; autocast {args.autocast or 'off'}; torch {torch.__version__}; "
-          f"H={args.hidden} I={args.intermediate} top-{args.top_k}; load average {os.getloadavg()[0]:.2f}")
-    print(f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up; "
-          "x floor = floor time / variant time, x ref = reference time / variant time")
+    print(
+        f"device: {where}; dtype {dtype}; autocast {args.autocast or 'off'}; torch {torch.__version__}; "
+        f"H={args.hidden} I={args.intermediate} top-{args.top_k}; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up; "
+        "x floor = floor time / variant time, x ref = reference time / variant time"
+    )
     print("| T | E | variant | ms/step (min-max) | tokens/s | x floor | x ref |")
     print("|---|---|---|---|---|---|---|")
     notes = []
@@ -192,10 +214,14 @@ def main() -> None:
             med = r["median"]
             for name in ("ours", "reference", "floor"):
                 lo, hi = r["spread"][name]
-                print(f"| {tokens} | {experts} | {name} | {med[name] * 1e3:.1f} ({lo * 1e3:.1f}-{hi * 1e3:.1f}) "
-                      f"| {tokens / med[name]:,.0f} | {med['floor'] / med[name]:.3f} | {med['reference'] / med[name]:.3f} |",
-                      flush=True)
-            notes.append(f"T={tokens} E={experts}: pairs per expert {r['counts']}, max |ours - reference| = {r['diff']:.1e}")
+                print(
+                    f"| {tokens} | {experts} | {name} | {med[name] * 1e3:.1f} ({lo * 1e3:.1f}-{hi * 1e3:.1f}) "
+                    f"| {tokens / med[name]:,.0f} | {med['floor'] / med[name]:.3f} | {med['reference'] / med[name]:.3f} |",
+                    flush=True,
+                )
+            notes.append(
+                f"T={tokens} E={experts}: pairs per expert {r['counts']}, max |ours - reference| = {r['diff']:.1e}"
+            )
     print("\n".join(notes))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 

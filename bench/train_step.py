@@ -50,9 +50,16 @@ import moelpr
 
 def build_dense(args, vocab: int, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                         max_position_embeddings=max(args.seq, 128), tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(args.seq, 128),
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
 
@@ -81,6 +88,7 @@ def make_step(model, batch: dict, moe: bool, device: str, amp: str | None):
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -97,8 +105,10 @@ def timed(fn, device: str) -> float:
 def flops_per_token(dense, args) -> dict[str, float]:
     """Training FLOPs per token (see the module docstring), from the dense model's weight shapes."""
     layer = dense.model.layers[0]
-    attn = sum(m.weight.numel() for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                          layer.self_attn.o_proj))
+    attn = sum(
+        m.weight.numel()
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj)
+    )
     ffn = sum(m.weight.numel() for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
     head = dense.lm_head.weight.numel()
     L, H, S, E, k = args.layers, args.hidden, args.seq, args.experts, args.top_k
@@ -108,9 +118,14 @@ def flops_per_token(dense, args) -> dict[str, float]:
     careful_dense = 6 * dense_active + scores
     per_layer = 4 * attn + (k / E) * 4 * ffn + (k - k / E) * 6 * ffn + 6 * H * E
     careful_moe = L * per_layer - 2 * attn + 6 * head + scores
-    return {"dense_active_params": dense_active, "moe_active_params": moe_active,
-            "ratio_6n": moe_active / dense_active, "ratio_careful": careful_moe / careful_dense,
-            "dense_flops": careful_dense, "moe_flops": careful_moe}
+    return {
+        "dense_active_params": dense_active,
+        "moe_active_params": moe_active,
+        "ratio_6n": moe_active / dense_active,
+        "ratio_careful": careful_moe / careful_dense,
+        "dense_flops": careful_dense,
+        "moe_flops": careful_moe,
+    }
 
 
 KINDS = ("stage1", "stage2", "dense")
@@ -130,28 +145,41 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     lang_mask = (torch.arange(args.batch) % 2 == 0).long()[:, None].expand(args.batch, args.seq).to(device)  # half old
-    models = {"stage1": upcycled(dense, args, "stage1"), "stage2": upcycled(dense, args, "stage2"),
-              "dense": dense.requires_grad_(True)}
-    batches = {"stage1": {"input_ids": ids, "labels": ids}, "dense": {"input_ids": ids, "labels": ids},
-               "stage2": {"input_ids": ids, "labels": ids, "lang_mask": lang_mask}}
-    steps = {step_name(kind, amp): make_step(models[kind], batches[kind], kind != "dense", device, amp)
-             for amp in precisions(args) for kind in KINDS}
+    models = {
+        "stage1": upcycled(dense, args, "stage1"),
+        "stage2": upcycled(dense, args, "stage2"),
+        "dense": dense.requires_grad_(True),
+    }
+    batches = {
+        "stage1": {"input_ids": ids, "labels": ids},
+        "dense": {"input_ids": ids, "labels": ids},
+        "stage2": {"input_ids": ids, "labels": ids, "lang_mask": lang_mask},
+    }
+    steps = {
+        step_name(kind, amp): make_step(models[kind], batches[kind], kind != "dense", device, amp)
+        for amp in precisions(args)
+        for kind in KINDS
+    }
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     for it in range(args.warmup + args.steps):
-        for name in names[it % len(names):] + names[:it % len(names)]:
+        for name in names[it % len(names) :] + names[: it % len(names)]:
             t = timed(steps[name], device)
             if it >= args.warmup:
                 times[name].append(t)
     median = {n: statistics.median(v) for n, v in times.items()}
     tokens = args.batch * args.seq
-    result = {"median_s": median, "tokens_per_s": {n: tokens / median[n] for n in names},
-              "spread": {n: (min(v), max(v)) for n, v in times.items()}}
+    result = {
+        "median_s": median,
+        "tokens_per_s": {n: tokens / median[n] for n in names},
+        "spread": {n: (min(v), max(v)) for n, v in times.items()},
+    }
     result.update(flops_per_token(dense, args))
     return result
 
 
 # ---- part 2: memory, one fresh subprocess per variant --------------------------------------------------------
+
 
 def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -175,7 +203,9 @@ def memory_worker(args, device: str, dtype: torch.dtype) -> dict:
     moe = args.memory_worker == "moe"
     model = upcycled(dense, args, "stage1") if moe else dense.requires_grad_(True)
     del dense
-    ids = torch.randint(0, args.mem_vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.randint(0, args.mem_vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(
+        device
+    )
     batch = {"input_ids": ids, "labels": ids}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -209,18 +239,48 @@ def memory_worker(args, device: str, dtype: torch.dtype) -> dict:
         optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
-    return {"fwd_bwd": fwd_bwd, "step": peak(), "model": base,
-            "params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params)}
+    return {
+        "fwd_bwd": fwd_bwd,
+        "step": peak(),
+        "model": base,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in params),
+    }
 
 
 def memory(args) -> dict:
     results = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    passthrough = ["--hidden", args.hidden, "--intermediate", args.intermediate, "--layers", args.layers, "--heads",
-                   args.heads, "--kv-heads", args.kv_heads, "--seq", args.seq, "--batch", args.batch, "--experts",
-                   args.experts, "--top-k", args.top_k, "--mem-vocab", args.mem_vocab, "--chunk-size", args.chunk_size,
-                   "--device", args.device] + (["--dtype", args.dtype] if args.dtype else []) + (
-                   ["--autocast", args.autocast] if args.autocast else [])
+    passthrough = (
+        [
+            "--hidden",
+            args.hidden,
+            "--intermediate",
+            args.intermediate,
+            "--layers",
+            args.layers,
+            "--heads",
+            args.heads,
+            "--kv-heads",
+            args.kv_heads,
+            "--seq",
+            args.seq,
+            "--batch",
+            args.batch,
+            "--experts",
+            args.experts,
+            "--top-k",
+            args.top_k,
+            "--mem-vocab",
+            args.mem_vocab,
+            "--chunk-size",
+            args.chunk_size,
+            "--device",
+            args.device,
+        ]
+        + (["--dtype", args.dtype] if args.dtype else [])
+        + (["--autocast", args.autocast] if args.autocast else [])
+    )
     for variant in ("moe", "dense"):
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", variant] + [str(a) for a in passthrough]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -248,10 +308,16 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=512, help="lm_loss_chunk_size: target tokens per LM-loss chunk")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--autocast", default=None,
-                   help="forward under autocast to this dtype, float32 weights (the Trainer's bf16=True)")
-    p.add_argument("--compare-autocast", default=None,
-                   help="also time every step under autocast to this dtype, interleaved with the others (speed part)")
+    p.add_argument(
+        "--autocast",
+        default=None,
+        help="forward under autocast to this dtype, float32 weights (the Trainer's bf16=True)",
+    )
+    p.add_argument(
+        "--compare-autocast",
+        default=None,
+        help="also time every step under autocast to this dtype, interleaved with the others (speed part)",
+    )
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
@@ -268,10 +334,14 @@ def main() -> None:
         return
 
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where}; dtype {dtype}; autocast {args.autocast or 'off'}; torch {torch.__version__}; "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"model: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-          f"{args.heads}/{args.kv_heads} heads; batch {args.batch} x seq {args.seq}; MoE {args.experts} experts top-{args.top_k}")
+    print(
+        f"device: {where}; dtype {dtype}; autocast {args.autocast or 'off'}; torch {torch.__version__}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"model: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+        f"{args.heads}/{args.kv_heads} heads; batch {args.batch} x seq {args.seq}; MoE {args.experts} experts top-{args.top_k}"
+    )
     if not args.skip_speed:
         r = speed(args, device, dtype)
         print(f"\n[speed] vocab {args.vocab}; median of {args.steps} interleaved steps after {args.warmup} warm-up")
@@ -280,28 +350,43 @@ def main() -> None:
             for kind in KINDS:
                 name = step_name(kind, amp)
                 lo, hi = r["spread"][name]
-                print(f"  {name:17s} {r['median_s'][name] * 1e3:9.1f} ms/step  {r['tokens_per_s'][name]:10,.0f} tokens/s"
-                      f"  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f} ms)")
+                print(
+                    f"  {name:17s} {r['median_s'][name] * 1e3:9.1f} ms/step  {r['tokens_per_s'][name]:10,.0f} tokens/s"
+                    f"  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f} ms)"
+                )
             t1 = r["median_s"][step_name("stage1", amp)] / r["median_s"][step_name("dense", amp)]
             t2 = r["median_s"][step_name("stage2", amp)] / r["median_s"][step_name("dense", amp)]
             print(f"    step time ratio stage1/dense = {t1:.3f}; stage2/dense = {t2:.3f}")
             for name, ratio in (("6N", r["ratio_6n"]), ("careful", r["ratio_careful"])):
                 verdict = "PASS" if t1 <= 1.1 * ratio else "FAIL"
-                print(f"    target stage1/dense time <= 1.1 x FLOPs ratio ({name}): {t1:.3f} <= {1.1 * ratio:.3f}  {verdict}")
+                print(
+                    f"    target stage1/dense time <= 1.1 x FLOPs ratio ({name}): {t1:.3f} <= {1.1 * ratio:.3f}  {verdict}"
+                )
         print(f"  active params: dense {r['dense_active_params']:,}, stage-1 MoE {r['moe_active_params']:,}")
         print(f"  training-FLOPs ratio stage1/dense: 6N {r['ratio_6n']:.3f}; careful {r['ratio_careful']:.3f}")
         if args.compare_autocast:
             base, other = args.autocast, args.compare_autocast
-            print("  speed-up of autocast " + other + " over " + (base or "float32") + ": " + ", ".join(
-                f"{kind} {r['median_s'][step_name(kind, base)] / r['median_s'][step_name(kind, other)]:.2f}x" for kind in KINDS))
+            print(
+                "  speed-up of autocast "
+                + other
+                + " over "
+                + (base or "float32")
+                + ": "
+                + ", ".join(
+                    f"{kind} {r['median_s'][step_name(kind, base)] / r['median_s'][step_name(kind, other)]:.2f}x"
+                    for kind in KINDS
+                )
+            )
     if not args.skip_memory:
         m = memory(args)
         unit = "max_memory_allocated" if device == "cuda" else "peak RSS (VmHWM)"
         print(f"\n[memory] vocab {args.mem_vocab}; {unit} above the built model; lm_loss_chunk_size {args.chunk_size}")
         for name, label in (("moe", "MoE-LPR stage 1, chunked loss"), ("dense", "dense HF, full logits")):
             v = m[name]
-            print(f"  {label:31s} fwd+bwd {v['fwd_bwd'] / 2**20:8.0f} MiB   full step {v['step'] / 2**20:8.0f} MiB"
-                  f"   (model {v['model'] / 2**20:.0f} MiB, {v['params']:,} params, {v['trainable']:,} trainable)")
+            print(
+                f"  {label:31s} fwd+bwd {v['fwd_bwd'] / 2**20:8.0f} MiB   full step {v['step'] / 2**20:8.0f} MiB"
+                f"   (model {v['model'] / 2**20:.0f} MiB, {v['params']:,} params, {v['trainable']:,} trainable)"
+            )
         ratio_fb, ratio = m["moe"]["fwd_bwd"] / m["dense"]["fwd_bwd"], m["moe"]["step"] / m["dense"]["step"]
         print(f"  ratio MoE/dense: fwd+bwd {ratio_fb:.3f}; full step {ratio:.3f}")
         print(f"  target full-step ratio <= 0.6: {'PASS' if ratio <= 0.6 else 'FAIL'}")

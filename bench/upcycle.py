@@ -17,8 +17,16 @@ from pathlib import Path
 
 import torch
 
-QWEN15_18B = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
-                  num_key_value_heads=16, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=False)
+QWEN15_18B = dict(
+    hidden_size=2048,
+    intermediate_size=5504,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+)
 """Qwen1.5-1.8B's shapes (a Qwen2 architecture: q/k/v biases, untied embeddings)."""
 
 
@@ -32,8 +40,9 @@ def make_dense(out: Path) -> None:
 
 
 def in_memory(args: argparse.Namespace) -> None:
-    import moelpr
     from transformers import AutoTokenizer
+
+    import moelpr
 
     model = moelpr.load_model(args.model)
     torch.manual_seed(args.seed)

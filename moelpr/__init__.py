@@ -14,7 +14,21 @@ from moelpr.moe.upcycle import add_classifiers, add_expert_group, loramoe, upcyc
 register()
 
 __all__ = [
-    "MoEBlock", "MoELPRConfig", "add_classifiers", "MoELPRForCausalLM", "MoELPROutput", "StackedExperts", "UserError",
-    "add_expert_group", "capture_router_logits", "load_model", "loramoe", "moe_blocks", "parameter_counts",
-    "parameter_summary", "save_model", "set_trainable", "upcycle",
+    "MoEBlock",
+    "MoELPRConfig",
+    "add_classifiers",
+    "MoELPRForCausalLM",
+    "MoELPROutput",
+    "StackedExperts",
+    "UserError",
+    "add_expert_group",
+    "capture_router_logits",
+    "load_model",
+    "loramoe",
+    "moe_blocks",
+    "parameter_counts",
+    "parameter_summary",
+    "save_model",
+    "set_trainable",
+    "upcycle",
 ]

@@ -55,8 +55,15 @@ def is_delta_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / DELTA_META).is_file()
 
 
-def save_model(model, path: str | os.PathLike, *, format: str = "full", tokenizer=None, overwrite: bool = False,
-               state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+def save_model(
+    model,
+    path: str | os.PathLike,
+    *,
+    format: str = "full",
+    tokenizer=None,
+    overwrite: bool = False,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write `model` to `path` atomically in the `full` or `delta` format (see the module docstring).
 
     `state_dict`: the weights to write instead of the model's own, when its parameters are shards
@@ -70,12 +77,16 @@ def save_model(model, path: str | os.PathLike, *, format: str = "full", tokenize
         else:
             base = model.config.base_model_path
             if not base or not Path(base).is_dir():
-                raise UserError("the delta format needs the dense base model's directory (config.base_model_path); "
-                                "load the base from a local directory or save with format='full'")
+                raise UserError(
+                    "the delta format needs the dense base model's directory (config.base_model_path); "
+                    "load the base from a local directory or save with format='full'"
+                )
             changed = [n for n, p in model.named_parameters() if p.requires_grad and not is_moe_param(n)]
             if changed:
-                raise UserError(f"parameters outside the MoE layers are trainable (e.g. {changed[0]}); "
-                                "the delta format would lose them, save with format='full'")
+                raise UserError(
+                    f"parameters outside the MoE layers are trainable (e.g. {changed[0]}); "
+                    "the delta format would lose them, save with format='full'"
+                )
             from transformers.dynamic_module_utils import custom_object_save
 
             custom_object_save(model, tmp, config=model.config)  # the code, so a moelpr-less load says what it needs
@@ -95,15 +106,22 @@ def _read_config(path: Path) -> dict:
         raise UserError(f"model directory {path} does not exist; pass a directory written by save_pretrained")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{path} is not a model directory (no config.json); pass a directory written by save_pretrained")
+        raise UserError(
+            f"{path} is not a model directory (no config.json); pass a directory written by save_pretrained"
+        )
     try:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, base_model: str | None = None,
-               device: torch.device | str | None = None):
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    base_model: str | None = None,
+    device: torch.device | str | None = None,
+):
     """Load a dense model, a full MoE-LPR checkpoint or a delta checkpoint from `path`.
 
     Args:
@@ -129,8 +147,10 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
         lm = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
         found = base_fingerprint(lm.state_dict())
         if found != meta["base_fingerprint"]:
-            raise UserError(f"{base_dir} is not the base {path} was trained on (weights fingerprint {found} != "
-                            f"{meta['base_fingerprint']}); pass the original base with base_model=DIR")
+            raise UserError(
+                f"{base_dir} is not the base {path} was trained on (weights fingerprint {found} != "
+                f"{meta['base_fingerprint']}); pass the original base with base_model=DIR"
+            )
         config = MoELPRConfig.from_pretrained(path)
         config.text_config = lm.config
         config.base_model_path = str(base_dir)
@@ -140,7 +160,9 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
         expected = {n for n, _ in model.named_parameters() if is_moe_param(n)}
         if set(delta) != expected:
             missing = sorted(expected - set(delta))[:1] or sorted(set(delta) - expected)[:1]
-            raise UserError(f"{path / DELTA_WEIGHTS} does not match the model described by its config.json (e.g. {missing[0]})")
+            raise UserError(
+                f"{path / DELTA_WEIGHTS} does not match the model described by its config.json (e.g. {missing[0]})"
+            )
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in delta.items():

@@ -14,7 +14,7 @@ from moelpr import UserError
 def trained_like(moe):
     """Perturb the new parameters, as training would."""
     with torch.no_grad():
-        for name, p in moe.named_parameters():
+        for p in moe.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     return moe
@@ -75,10 +75,13 @@ def test_delta_refuses_models_with_trained_base_parameters(tmp_path):
     assert not (tmp_path / "delta").exists()
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: None, "does not exist"),
-    (lambda p: p.mkdir(), "is not a model directory"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "is not a model directory"),
+    ],
+)
 def test_load_bad_directories(tmp_path, setup, message):
     target = tmp_path / "nope"
     setup(target)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -40,7 +40,9 @@ def _floor(req: Requirement) -> str:
 def test_every_range_has_a_tested_floor_and_a_ceiling():
     for name, req in _requirements().items():
         ops = {s.operator for s in req.specifier}
-        assert ops == {"=="} or {">=", "<"} <= ops or {">=", "<="} <= ops, f"{name}: {req.specifier} is not a tested range"
+        assert ops == {"=="} or {">=", "<"} <= ops or {">=", "<="} <= ops, (
+            f"{name}: {req.specifier} is not a tested range"
+        )
 
 
 def test_constraints_pin_every_dependency_inside_its_range():
@@ -53,7 +55,9 @@ def test_constraints_pin_every_dependency_inside_its_range():
 def test_the_floor_constraints_pin_exactly_the_declared_floors():
     floors = _pins("constraints-floor.txt")
     for name, req in _requirements().items():
-        assert floors.get(name) == Version(_floor(req)), f"constraints-floor.txt: {name} is not pinned at {req.specifier}"
+        assert floors.get(name) == Version(_floor(req)), (
+            f"constraints-floor.txt: {name} is not pinned at {req.specifier}"
+        )
 
 
 def test_the_transformers_floor_passes_the_tests_that_touch_its_api(tmp_path):
@@ -61,16 +65,46 @@ def test_the_transformers_floor_passes_the_tests_that_touch_its_api(tmp_path):
     releases (cache argument names, generation, the classifier's prompt decision, deprecations)."""
     floor = _floor(_requirements()["transformers"])
     target = tmp_path / "floor"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                              f"transformers=={floor}"], capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            f"transformers=={floor}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-2000:]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    check = ("import sys, transformers; from packaging.version import Version; "
-             "assert Version(transformers.__version__) == Version(sys.argv[1]), transformers.__version__")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    check = (
+        "import sys, transformers; from packaging.version import Version; "
+        "assert Version(transformers.__version__) == Version(sys.argv[1]), transformers.__version__"
+    )
     assert subprocess.run([sys.executable, "-c", check, floor], env=env).returncode == 0
-    tests = ["tests/model/test_classifier.py", "tests/model/test_transformers_api.py", "tests/moe/test_upcycle.py",
-             "tests/export/test_export_decode.py", "tests/test_checkpoint.py"]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)
+    tests = [
+        "tests/model/test_classifier.py",
+        "tests/model/test_transformers_api.py",
+        "tests/moe/test_upcycle.py",
+        "tests/export/test_export_decode.py",
+        "tests/test_checkpoint.py",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:]

@@ -9,11 +9,26 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
@@ -48,8 +63,9 @@ def word_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def trained_moe(arch: str = "llama", num_experts=4, top_k: int = 2, seed: int = 0, **overrides):
@@ -92,9 +108,20 @@ _CHECK_UNUSED = '\nassert not any(name.split(".")[0] == "moelpr" for name in sys
 def run_without_moelpr(script: str, args: list[str], cwd: Path, timeout: int = 300) -> str:
     """Run `script` (with `sys.argv[1:] == args`) in a fresh interpreter that cannot import moelpr; its stdout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(cwd / "hf_modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-I", "-c", _WITHOUT_MOELPR + script + _CHECK_UNUSED, str(REPO), *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    env.update(
+        HF_MODULES_CACHE=str(cwd / "hf_modules"),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", _WITHOUT_MOELPR + script + _CHECK_UNUSED, str(REPO), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

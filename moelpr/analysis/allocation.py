@@ -43,7 +43,9 @@ def allocate_experts(scores: Sequence[float], budget: float, *, min_experts: int
     bad = [(i, s) for i, s in enumerate(scores) if not (math.isfinite(float(s)) and float(s) > 0)]
     if bad:
         layer, value = bad[0]
-        raise UserError(f"similarity scores must be finite and > 0, layer {layer} has {value}; recompute the similarity")
+        raise UserError(
+            f"similarity scores must be finite and > 0, layer {layer} has {value}; recompute the similarity"
+        )
     if not math.isfinite(float(budget)) or budget < min_experts * num_layers:
         raise UserError(
             f"budget B={budget} is smaller than {min_experts} × {num_layers} layers = {min_experts * num_layers}; "
@@ -100,9 +102,10 @@ def check_against_model(similarity: dict[str, Any], num_layers: int) -> None:
 
 def plot_allocation(scores: Sequence[float], experts: Sequence[int], *, title: str = "LayerMoE allocation") -> bytes:
     """PNG bytes: experts per layer (bars, left axis) and similarity S_l (line, right axis)."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is heavy
     from matplotlib.figure import Figure
-    import io
 
     layers = list(range(len(scores)))
     fig = Figure(figsize=(max(6.0, 0.28 * len(layers) + 2.5), 4.0), dpi=120)

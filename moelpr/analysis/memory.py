@@ -74,19 +74,32 @@ class DenseShape:
         get = config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
         model_type = get("model_type", "llama")
         bias = get("attention_bias", model_type == "qwen2")
-        return cls(hidden_size=get("hidden_size"), intermediate_size=get("intermediate_size"),
-                   num_hidden_layers=get("num_hidden_layers"), num_attention_heads=get("num_attention_heads"),
-                   num_key_value_heads=get("num_key_value_heads") or get("num_attention_heads"),
-                   vocab_size=get("vocab_size"), tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-                   head_dim=get("head_dim"), attention_bias=bool(bias), model_type=model_type)
+        return cls(
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
+            num_hidden_layers=get("num_hidden_layers"),
+            num_attention_heads=get("num_attention_heads"),
+            num_key_value_heads=get("num_key_value_heads") or get("num_attention_heads"),
+            vocab_size=get("vocab_size"),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            head_dim=get("head_dim"),
+            attention_bias=bool(bias),
+            model_type=model_type,
+        )
 
     def scaled(self, s: int, layers: int = 3) -> "DenseShape":
         """A replica with every width (hidden, intermediate, head, vocabulary) divided by `s`; heads kept."""
         dims = (self.hidden_size, self.intermediate_size, self.head_size, self.vocab_size)
         if any(d % s for d in dims):
             raise ValueError(f"scale {s} does not divide hidden/intermediate/head/vocab sizes {dims}")
-        return dataclasses.replace(self, hidden_size=self.hidden_size // s, intermediate_size=self.intermediate_size // s,
-                                   head_dim=self.head_size // s, vocab_size=self.vocab_size // s, num_hidden_layers=layers)
+        return dataclasses.replace(
+            self,
+            hidden_size=self.hidden_size // s,
+            intermediate_size=self.intermediate_size // s,
+            head_dim=self.head_size // s,
+            vocab_size=self.vocab_size // s,
+            num_hidden_layers=layers,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +142,24 @@ class ParameterCounts:
 
 def parameter_counts(shape: DenseShape, layout: MoELayout) -> ParameterCounts:
     """Counts from the config: q/k/v/o (+ q/k/v biases), two RMSNorms, gated FFN experts, a bias-free router."""
-    H, I, q, kv = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads * shape.head_size, \
-        shape.num_key_value_heads * shape.head_size
+    H, I, q, kv = (
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.num_attention_heads * shape.head_size,
+        shape.num_key_value_heads * shape.head_size,
+    )
     attention = H * q + 2 * H * kv + q * H + ((q + 2 * kv) if shape.attention_bias else 0)
-    return ParameterCounts(embedding=shape.vocab_size * H, lm_head=0 if shape.tie_word_embeddings else shape.vocab_size * H,
-                           final_norm=H, layer_attention=attention, layer_norms=2 * H, layer_expert=3 * H * I,
-                           layer_router=layout.num_experts * H, layers=shape.num_hidden_layers,
-                           num_experts=layout.num_experts)
+    return ParameterCounts(
+        embedding=shape.vocab_size * H,
+        lm_head=0 if shape.tie_word_embeddings else shape.vocab_size * H,
+        final_norm=H,
+        layer_attention=attention,
+        layer_norms=2 * H,
+        layer_expert=3 * H * I,
+        layer_router=layout.num_experts * H,
+        layers=shape.num_hidden_layers,
+        num_experts=layout.num_experts,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +202,14 @@ class Engine:
         if stage not in (2, 3):
             raise ValueError(f"only ZeRO stages 2 and 3 are planned, got stage {stage}")
         bucket = zero.get("reduce_bucket_size", 500_000_000 if stage == 2 else "auto")
-        return cls(name=f"zero{stage}", world_size=world_size, reduce_bucket_size=None if bucket == "auto" else int(bucket),
-                   overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
-                   max_live_parameters=int(zero.get("stage3_max_live_parameters", 10**9)),
-                   sub_group_size=int(zero.get("sub_group_size", 10**9)))
+        return cls(
+            name=f"zero{stage}",
+            world_size=world_size,
+            reduce_bucket_size=None if bucket == "auto" else int(bucket),
+            overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
+            max_live_parameters=int(zero.get("stage3_max_live_parameters", 10**9)),
+            sub_group_size=int(zero.get("sub_group_size", 10**9)),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +269,9 @@ class MemoryPlan:
         return self.peak <= headroom * capacity
 
 
-def plan(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, engine: Engine,
-         activations: ActivationProfile) -> MemoryPlan:
+def plan(
+    shape: DenseShape, layout: MoELayout, setup: TrainingSetup, engine: Engine, activations: ActivationProfile
+) -> MemoryPlan:
     """The per-GPU memory plan of one training step (see the module docstring for the rules)."""
     if setup.stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {setup.stage}")
@@ -255,9 +284,11 @@ def plan(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, engine: Eng
     if sharded and setup.precision != "bf16":
         raise ValueError(f"{engine.name} is planned for bf16 mixed precision only")
     if not sharded and setup.grad_accum > 1 and activations.fresh:
-        raise ValueError("with gradient accumulation every .grad stays alive: plan DDP with a profile measured "
-                         "with gradients allocated (fresh=False)")
-    bucket = engine.reduce_bucket_size if engine.reduce_bucket_size is not None else shape.hidden_size ** 2
+        raise ValueError(
+            "with gradient accumulation every .grad stays alive: plan DDP with a profile measured "
+            "with gradients allocated (fresh=False)"
+        )
+    bucket = engine.reduce_bucket_size if engine.reduce_bucket_size is not None else shape.hidden_size**2
 
     master = moments = resident_buffers = 0.0
     step_buffers = backward_buffers = loss_buffers = 0.0
@@ -293,13 +324,26 @@ def plan(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, engine: Eng
     cumulative = activations.before_layers
     for layer in range(L):
         cumulative += forward[layer]
-        phases[f"backward of layer {layer}"] = (static + dot_grads(L - 1 - layer),
-                                                cumulative + activations.backward(layer, L), backward_buffers)
+        phases[f"backward of layer {layer}"] = (
+            static + dot_grads(L - 1 - layer),
+            cumulative + activations.backward(layer, L),
+            backward_buffers,
+        )
     phases["optimizer step"] = (static + dot_grads(L), 0.0, step_buffers)
     name, (base, act, extra) = max(phases.items(), key=lambda item: sum(item[1]))
-    return MemoryPlan(engine=engine.name, weights=weights, gradients=grads, master=master, moments=moments,
-                      activations=act, buffers=resident_buffers + extra, peak=base + act + extra, peak_phase=name,
-                      total_params=psi, trainable_params=psi_t)
+    return MemoryPlan(
+        engine=engine.name,
+        weights=weights,
+        gradients=grads,
+        master=master,
+        moments=moments,
+        activations=act,
+        buffers=resident_buffers + extra,
+        peak=base + act + extra,
+        peak_phase=name,
+        total_params=psi,
+        trainable_params=psi_t,
+    )
 
 
 def extrapolate(values: Mapping[int, float]) -> float:

@@ -90,10 +90,17 @@ class StepProfile:
 
     def profile(self, fresh: bool) -> ActivationProfile:
         fwd, bwd = self.layer_forward, self.layer_backward
-        return ActivationProfile(forward_first=fwd[0], forward_other=sum(fwd[1:]) / (len(fwd) - 1),
-                                 backward_first=bwd[0], backward_middle=sum(bwd[1:-1]) / max(len(bwd) - 2, 1),
-                                 backward_top=bwd[-1], before_layers=self.before_layers, after_layers=self.after_layers,
-                                 loss_backward=self.loss_backward, fresh=fresh)
+        return ActivationProfile(
+            forward_first=fwd[0],
+            forward_other=sum(fwd[1:]) / (len(fwd) - 1),
+            backward_first=bwd[0],
+            backward_middle=sum(bwd[1:-1]) / max(len(bwd) - 2, 1),
+            backward_top=bwd[-1],
+            before_layers=self.before_layers,
+            after_layers=self.after_layers,
+            loss_backward=self.loss_backward,
+            fresh=fresh,
+        )
 
 
 def _decoder_layers(model) -> Sequence[torch.nn.Module]:
@@ -104,8 +111,9 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def measure_step(model, batch: dict[str, torch.Tensor], *, checkpointing: bool = False,
-                 fresh: bool = True) -> StepProfile:
+def measure_step(
+    model, batch: dict[str, torch.Tensor], *, checkpointing: bool = False, fresh: bool = True
+) -> StepProfile:
     """Profile one training forward+backward of an upcycled model, as `MoETrainer` calls it.
 
     `fresh=True`: no `.grad` exists at the start (the first micro-step after `zero_grad(set_to_none=True)`).
@@ -128,8 +136,12 @@ def measure_step(model, batch: dict[str, torch.Tensor], *, checkpointing: bool =
 
 
 def _profile(model, layers: Sequence[torch.nn.Module], batch: dict[str, torch.Tensor], fresh: bool) -> StepProfile:
-    exclude = [*model.parameters(), *model.buffers(), *batch.values(),
-               *(p.grad for p in model.parameters() if p.grad is not None)]
+    exclude = [
+        *model.parameters(),
+        *model.buffers(),
+        *batch.values(),
+        *(p.grad for p in model.parameters() if p.grad is not None),
+    ]
     tracker = LiveTensorBytes(exclude)
     marks: dict[str, int] = {}
     peaks: dict[str, int] = {}
@@ -144,6 +156,7 @@ def _profile(model, layers: Sequence[torch.nn.Module], batch: dict[str, torch.Te
         def hook(module, args):
             if not state["backward"]:
                 enter(f"forward {index}")
+
         return hook
 
     def forward_post(index: int) -> Callable:
@@ -158,10 +171,14 @@ def _profile(model, layers: Sequence[torch.nn.Module], batch: dict[str, torch.Te
             if hidden.requires_grad:
                 hidden.register_hook(on_grad)
             enter(f"after {index}")
+
         return hook
 
-    handles = [h for i, layer in enumerate(layers)
-               for h in (layer.register_forward_pre_hook(forward_pre(i)), layer.register_forward_hook(forward_post(i)))]
+    handles = [
+        h
+        for i, layer in enumerate(layers)
+        for h in (layer.register_forward_pre_hook(forward_pre(i)), layer.register_forward_hook(forward_post(i)))
+    ]
     try:
         with tracker:
             enter("embed")
@@ -176,13 +193,19 @@ def _profile(model, layers: Sequence[torch.nn.Module], batch: dict[str, torch.Te
             handle.remove()
     n = len(layers)
     cumulative = [marks[f"after {i}"] for i in range(n)]  # alive after the forward of layers 0..i
-    grads = [0 if not fresh else sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
-             for layer in layers]
+    grads = [
+        0 if not fresh else sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
+        for layer in layers
+    ]
     expert0 = [int((layer.mlp.route(lg)[1] == 0).sum()) for layer, lg in zip(layers, logits)]
-    return StepProfile(layer_forward=[marks[f"after {i}"] - marks[f"forward {i}"] for i in range(n)],
-                       layer_backward=[peaks[f"backward {i}"] - cumulative[i] - sum(grads[i + 1:]) for i in range(n)],
-                       before_layers=marks["forward 0"], after_layers=marks["loss backward"] - cumulative[-1],
-                       loss_backward=peaks["loss backward"] - marks["loss backward"], expert0_pairs=expert0)
+    return StepProfile(
+        layer_forward=[marks[f"after {i}"] - marks[f"forward {i}"] for i in range(n)],
+        layer_backward=[peaks[f"backward {i}"] - cumulative[i] - sum(grads[i + 1 :]) for i in range(n)],
+        before_layers=marks["forward 0"],
+        after_layers=marks["loss backward"] - cumulative[-1],
+        loss_backward=peaks["loss backward"] - marks["loss backward"],
+        expert0_pairs=expert0,
+    )
 
 
 def saved_tensor_bytes(model, batch: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -211,8 +234,12 @@ def saved_tensor_bytes(model, batch: dict[str, torch.Tensor]) -> dict[str, int]:
 
     handles = []
     for i, layer in enumerate(_decoder_layers(model)):
-        handles += [layer.register_forward_pre_hook(push(f"layer{i}.attention")), layer.register_forward_hook(pop),
-                    layer.mlp.register_forward_pre_hook(push(f"layer{i}.moe")), layer.mlp.register_forward_hook(pop)]
+        handles += [
+            layer.register_forward_pre_hook(push(f"layer{i}.attention")),
+            layer.register_forward_hook(pop),
+            layer.mlp.register_forward_pre_hook(push(f"layer{i}.moe")),
+            layer.mlp.register_forward_hook(pop),
+        ]
     model.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -226,23 +253,44 @@ def saved_tensor_bytes(model, batch: dict[str, torch.Tensor]) -> dict[str, int]:
 
 # ---- replicas -------------------------------------------------------------------------------------------------
 
-def build_model(shape: DenseShape, layout: MoELayout, stage: int, *, dtype: torch.dtype, dispatch: Dispatch,
-                lm_loss_chunk: int, seed: int = 0):
+
+def build_model(
+    shape: DenseShape,
+    layout: MoELayout,
+    stage: int,
+    *,
+    dtype: torch.dtype,
+    dispatch: Dispatch,
+    lm_loss_chunk: int,
+    seed: int = 0,
+):
     """A random upcycled model of `shape` (nothing downloaded), trainable set and losses of `stage`."""
-    import moelpr
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(shape.model_type, hidden_size=shape.hidden_size,
-                                  intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
-                                  num_attention_heads=shape.num_attention_heads,
-                                  num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_size,
-                                  vocab_size=shape.vocab_size, tie_word_embeddings=shape.tie_word_embeddings,
-                                  max_position_embeddings=4096)
+    import moelpr
+
+    config = AutoConfig.for_model(
+        shape.model_type,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_size,
+        vocab_size=shape.vocab_size,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        max_position_embeddings=4096,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     dense = AutoModelForCausalLM.from_config(config).to(dtype)
-    model = moelpr.upcycle(dense, num_experts=layout.num_experts, top_k=layout.top_k,
-                           aux_loss_coef=0.01 if stage == 1 else 0.0, lpr_loss_coef=0.0 if stage == 1 else 0.1)
+    model = moelpr.upcycle(
+        dense,
+        num_experts=layout.num_experts,
+        top_k=layout.top_k,
+        aux_loss_coef=0.01 if stage == 1 else 0.0,
+        lpr_loss_coef=0.0 if stage == 1 else 0.1,
+    )
     model.config.lm_loss_chunk_size = lm_loss_chunk
     moelpr.set_trainable(model, "stage1" if stage == 1 else "stage2")
     for block in moelpr.moe_blocks(model):
@@ -259,11 +307,13 @@ def _balanced(route: Callable, num_experts: int) -> Callable:
     """The block's routing with its expert choice replaced by a balanced one (token t takes experts t·k + j mod E):
     every expert gets exactly its share of the pairs, as the balance loss aims for, so the measured memory does not
     depend on a random model's routing. The router, softmax and top-k still run (and save what they save)."""
+
     def balanced_route(logits: torch.Tensor, limit: torch.Tensor | None = None):
         weights, experts = route(logits, limit)  # (N, k)
         n, k = experts.shape
         pairs = torch.arange(n * k, device=experts.device).view(n, k)  # (N, k)
         return weights, (pairs % num_experts).to(experts.dtype)
+
     return balanced_route
 
 
@@ -271,16 +321,28 @@ def make_batch(micro_batch: int, seq_len: int, vocab: int, seed: int = 1) -> dic
     """A packed block batch as `moelpr.data` collates it; every other sequence is an old-language one."""
     ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=torch.Generator().manual_seed(seed))
     old = (torch.arange(micro_batch) % 2 == 0).long()[:, None].expand(micro_batch, seq_len).contiguous()  # (B, S)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "lang_mask": old,
-            "lang_group": 1 - old}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "lang_mask": old,
+        "lang_group": 1 - old,
+    }
 
 
 def replica_scales(shape: DenseShape, setup: TrainingSetup, dispatch: Dispatch, smallest: int = 16) -> tuple[int, int]:
     """Two scales s, 2s with exact replicas: s divides every width, the sequence and the loss chunk; the replica
     keeps head size ≥ 2, sequence ≥ 8 and hidden ≥ `smallest`; the bf16 grouped matmul needs 16-byte rows."""
+
     def valid(s: int) -> bool:
-        dims = (shape.hidden_size, shape.intermediate_size, shape.head_size, shape.vocab_size, setup.seq_len,
-                setup.lm_loss_chunk)
+        dims = (
+            shape.hidden_size,
+            shape.intermediate_size,
+            shape.head_size,
+            shape.vocab_size,
+            setup.seq_len,
+            setup.lm_loss_chunk,
+        )
         if any(d % s for d in dims) or shape.head_size // s < 2 or setup.seq_len // s < 8:
             return False
         if shape.hidden_size // s < smallest:
@@ -289,19 +351,33 @@ def replica_scales(shape: DenseShape, setup: TrainingSetup, dispatch: Dispatch, 
             return (shape.hidden_size // s) % 8 == 0 and (shape.intermediate_size // s) % 8 == 0
         return True
 
-    candidates = [2 ** j for j in range(12) if valid(2 ** j) and valid(2 ** (j + 1))]
+    candidates = [2**j for j in range(12) if valid(2**j) and valid(2 ** (j + 1))]
     if not candidates:
         raise ValueError(f"no pair of replica scales for {shape} with {setup}")
     s = candidates[-1]
     return s, 2 * s
 
 
-def measure_replica(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, s: int, *, dispatch: Dispatch,
-                    fresh: bool, layers: int = REPLICA_LAYERS) -> tuple[StepProfile, dict[str, int]]:
+def measure_replica(
+    shape: DenseShape,
+    layout: MoELayout,
+    setup: TrainingSetup,
+    s: int,
+    *,
+    dispatch: Dispatch,
+    fresh: bool,
+    layers: int = REPLICA_LAYERS,
+) -> tuple[StepProfile, dict[str, int]]:
     """StepProfile and saved-tensor bytes of the replica at scale `s` (s = 1: the target's widths)."""
     small = shape.scaled(s, layers=layers)
-    model = build_model(small, layout, setup.stage, dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[setup.precision]),
-                        dispatch=dispatch, lm_loss_chunk=setup.lm_loss_chunk // s)
+    model = build_model(
+        small,
+        layout,
+        setup.stage,
+        dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[setup.precision]),
+        dispatch=dispatch,
+        lm_loss_chunk=setup.lm_loss_chunk // s,
+    )
     batch = make_batch(setup.micro_batch, setup.seq_len // s, small.vocab_size)
     step = measure_step(model, batch, checkpointing=setup.checkpointing, fresh=fresh)
     return step, saved_tensor_bytes(model, batch)
@@ -318,26 +394,34 @@ class Calibration:
     saved_moe: float
 
 
-def calibrate(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, *, dispatch: Dispatch,
-              fresh: bool = True) -> Calibration:
+def calibrate(
+    shape: DenseShape, layout: MoELayout, setup: TrainingSetup, *, dispatch: Dispatch, fresh: bool = True
+) -> Calibration:
     """Measure two replicas of the target and extrapolate their phase figures to the target (see module docstring)."""
     scales = replica_scales(shape, setup, dispatch)
     replicas, saved = {}, {}
     for s in scales:
         replicas[s], saved[s] = measure_replica(shape, layout, setup, s, dispatch=dispatch, fresh=fresh)
     profiles = {s: dataclasses.asdict(step.profile(fresh)) for s, step in replicas.items()}
-    fields = {name: extrapolate({s: p[name] for s, p in profiles.items()})
-              for name in profiles[scales[0]] if name != "fresh"}
+    fields = {
+        name: extrapolate({s: p[name] for s, p in profiles.items()}) for name in profiles[scales[0]] if name != "fresh"
+    }
     middle = range(1, REPLICA_LAYERS - 1)
 
     def saved_at(part: str) -> float:
         return extrapolate({s: sum(saved[s].get(f"layer{i}.{part}", 0) for i in middle) / len(middle) for s in scales})
 
-    return Calibration(profile=ActivationProfile(**fields, fresh=fresh), scales=scales, replicas=replicas,
-                       saved_attention=saved_at("attention"), saved_moe=saved_at("moe"))
+    return Calibration(
+        profile=ActivationProfile(**fields, fresh=fresh),
+        scales=scales,
+        replicas=replicas,
+        saved_attention=saved_at("attention"),
+        saved_moe=saved_at("moe"),
+    )
 
 
 # ---- the check: a real step's peak RSS in a fresh process ------------------------------------------------------
+
 
 def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -364,23 +448,44 @@ def _step_worker(spec: dict) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
     warm = shape.scaled(spec["warmup_scale"], layers=2)  # first-call kernels, threads and allocator arenas
-    run(build_model(warm, layout, setup.stage, dtype=dtype, dispatch=spec["dispatch"],
-                    lm_loss_chunk=setup.lm_loss_chunk // spec["warmup_scale"]),
-        make_batch(setup.micro_batch, setup.seq_len // spec["warmup_scale"], warm.vocab_size), 1)
+    run(
+        build_model(
+            warm,
+            layout,
+            setup.stage,
+            dtype=dtype,
+            dispatch=spec["dispatch"],
+            lm_loss_chunk=setup.lm_loss_chunk // spec["warmup_scale"],
+        ),
+        make_batch(setup.micro_batch, setup.seq_len // spec["warmup_scale"], warm.vocab_size),
+        1,
+    )
     baseline = _status_bytes("VmRSS")
-    model = build_model(shape, layout, setup.stage, dtype=dtype, dispatch=spec["dispatch"],
-                        lm_loss_chunk=setup.lm_loss_chunk)
+    model = build_model(
+        shape, layout, setup.stage, dtype=dtype, dispatch=spec["dispatch"], lm_loss_chunk=setup.lm_loss_chunk
+    )
     batch = make_batch(setup.micro_batch, setup.seq_len, shape.vocab_size)
     built = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS: the model build's transients do not count
     run(model, batch, spec["steps"])
-    return {"peak": _status_bytes("VmHWM") - baseline, "built": built - baseline,
-            "weights": sum(p.numel() * p.element_size() for p in model.parameters())}
+    return {
+        "peak": _status_bytes("VmHWM") - baseline,
+        "built": built - baseline,
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
 
 
-def process_peak(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, *, dispatch: Dispatch = "per_group",
-                 steps: int = 2, threads: int = 1, warmup_scale: int = 8) -> dict:
+def process_peak(
+    shape: DenseShape,
+    layout: MoELayout,
+    setup: TrainingSetup,
+    *,
+    dispatch: Dispatch = "per_group",
+    steps: int = 2,
+    threads: int = 1,
+    warmup_scale: int = 8,
+) -> dict:
     """Peak RSS of real training steps (single process, CPU) in a fresh interpreter, above its RSS after imports
     and a warm-up step on a small replica.
 
@@ -388,13 +493,29 @@ def process_peak(shape: DenseShape, layout: MoELayout, setup: TrainingSetup, *, 
     leave the RSS at once and VmHWM is the peak of live memory; `ru_maxrss` cannot be used (it keeps the parent's
     RSS across fork and exec). Two steps: the second runs with the AdamW state allocated.
     """
-    spec = {"shape": dataclasses.asdict(shape), "layout": dataclasses.asdict(layout),
-            "setup": dataclasses.asdict(setup), "dispatch": dispatch, "steps": steps, "threads": threads,
-            "warmup_scale": warmup_scale}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads),
-               TRANSFORMERS_VERBOSITY="error")
-    done = subprocess.run([sys.executable, "-m", "moelpr.analysis.memory_calibration", json.dumps(spec)], env=env,
-                          capture_output=True, text=True, check=False)
+    spec = {
+        "shape": dataclasses.asdict(shape),
+        "layout": dataclasses.asdict(layout),
+        "setup": dataclasses.asdict(setup),
+        "dispatch": dispatch,
+        "steps": steps,
+        "threads": threads,
+        "warmup_scale": warmup_scale,
+    }
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="65536",
+        OMP_NUM_THREADS=str(threads),
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "moelpr.analysis.memory_calibration", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"memory check worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -244,7 +244,9 @@ def compute_similarity(
             tokenizer, texts_by_language[lang], tokens=tokens, max_length=max_length, skip_longer_than=skip_longer_than
         )
         if not docs:
-            raise UserError(f"language {lang!r} has no usable text (empty, or every document > {skip_longer_than} tokens)")
+            raise UserError(
+                f"language {lang!r} has no usable text (empty, or every document > {skip_longer_than} tokens)"
+            )
         sums, count = unit_vector_sums(model, docs, batch_size=batch_size)  # (L, H)
         means[lang] = sums / count  # (L, H)
         counts[lang] = count

@@ -1,6 +1,6 @@
 """`moe-lpr allocate`: experts per layer from LayerMoE similarities (method.md §2.3).
 
-    moe-lpr allocate --similarity similarity.json --budget 70 --output allocation.json [--model DIR]
+moe-lpr allocate --similarity similarity.json --budget 70 --output allocation.json [--model DIR]
 """
 
 from __future__ import annotations

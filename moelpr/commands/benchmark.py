@@ -26,18 +26,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moelpr.evaluate.harness import SUITES
 
     parser.add_argument("--model", required=True, help="model directory (dense, or a full MoE-LPR checkpoint)")
-    parser.add_argument("--suite", action="append", default=[], choices=list(SUITES),
-                        help="benchmark suite (repeatable): the papers' ARC/HellaSwag/MMLU/Belebele groups")
+    parser.add_argument(
+        "--suite",
+        action="append",
+        default=[],
+        choices=list(SUITES),
+        help="benchmark suite (repeatable): the papers' ARC/HellaSwag/MMLU/Belebele groups",
+    )
     parser.add_argument("--tasks", nargs="+", default=[], help="further lm-eval task or group names")
-    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                        help="extra directory of lm-eval task YAML files (repeatable)")
-    parser.add_argument("--limit", type=_limit, default=None,
-                        help="examples per task (a number below 1 is a fraction); for smoke tests only")
-    parser.add_argument("--num-fewshot", type=int, default=None,
-                        help="override every task's shots (the suites already set the papers' shots)")
+    parser.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra directory of lm-eval task YAML files (repeatable)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_limit,
+        default=None,
+        help="examples per task (a number below 1 is a fraction); for smoke tests only",
+    )
+    parser.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        help="override every task's shots (the suites already set the papers' shots)",
+    )
     parser.add_argument("--batch-size", default="8", help="batch size or 'auto' (default 8)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="weights dtype (default: the checkpoint's)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights dtype (default: the checkpoint's)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--log-samples", action="store_true", help="also store every request and response")
     parser.add_argument("--output", required=True, help="results JSON file to write")
@@ -50,9 +72,17 @@ def run(args: argparse.Namespace) -> int:
     require_lm_eval()
     tasks = suite_tasks(args.suite, args.tasks)
     batch_size = args.batch_size if str(args.batch_size).startswith("auto") else _positive_int(args.batch_size)
-    record = run_benchmark(args.model, tasks, include_paths=args.include_path, limit=args.limit,
-                           num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device, dtype=args.dtype,
-                           log_samples=args.log_samples)
+    record = run_benchmark(
+        args.model,
+        tasks,
+        include_paths=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        log_samples=args.log_samples,
+    )
     record["suite"] = args.suite
     atomic_write_json(args.output, record)
     avg = record["summary"]["avg"]

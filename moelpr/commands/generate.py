@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> None:
     import moelpr
     from moelpr.export.generation import generate_ids, generation_kwargs
 
-    kwargs = generation_kwargs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               greedy=args.greedy, top_p=args.top_p)
+    kwargs = generation_kwargs(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy, top_p=args.top_p
+    )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = moelpr.load_model(args.model, base_model=args.base_model, device=device)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(args, model))

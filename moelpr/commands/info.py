@@ -26,7 +26,9 @@ def run(args: argparse.Namespace) -> None:
     if len(cfg.expert_groups) > 1:
         print(f"expansion groups (new experts per layer): {cfg.expert_groups}")
     if cfg.classifier_layers:
-        print(f"classifier layers: {cfg.classifier_layers} ({cfg.classifier_groups} groups, {cfg.classifier_pooling} pooling)")
+        print(
+            f"classifier layers: {cfg.classifier_layers} ({cfg.classifier_groups} groups, {cfg.classifier_pooling} pooling)"
+        )
     print(f"losses: aux {cfg.aux_loss_coef} ({cfg.balance_loss_form}), lpr {cfg.lpr_loss_coef} ({cfg.lpr_loss_form})")
     for stage in ("stage1", "stage2", "all"):
         moelpr.set_trainable(model, stage)

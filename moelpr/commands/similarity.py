@@ -1,6 +1,6 @@
 """`moe-lpr similarity`: per-layer cross-lingual similarity of MLP inputs (LayerMoE, method.md §2.2).
 
-    moe-lpr similarity --model DIR --corpora corpora.yaml --output similarity.json [--tokens 100000]
+moe-lpr similarity --model DIR --corpora corpora.yaml --output similarity.json [--tokens 100000]
 """
 
 from __future__ import annotations
@@ -105,8 +105,14 @@ def run(args: argparse.Namespace) -> int:
     model = _load(str(model_dir)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     result = compute_similarity(
-        model, tokenizer, texts, roles,
-        tokens=args.tokens, batch_size=args.batch_size, max_length=args.max_length, model_name=str(model_dir),
+        model,
+        tokenizer,
+        texts,
+        roles,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        model_name=str(model_dir),
     )
     for lang, count in result["tokens"].items():
         if count < args.tokens:

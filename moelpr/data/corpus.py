@@ -191,12 +191,17 @@ def _entry_from_dataset_info(name: str, info: dict[str, Any], source: str) -> di
     role = info.get("language")
     if role not in ROLES:
         got = "missing 'language'" if role is None else f"'language' is {role!r}"
-        raise UserError(f"{where}: {got}; set it to \"old\" or \"new\" (the entry name is the language code)")
+        raise UserError(f'{where}: {got}; set it to "old" or "new" (the entry name is the language code)')
     columns = info.get("columns") or {}
     if not isinstance(columns, dict):
-        raise UserError(f"{where}: 'columns' must be a mapping such as {{\"prompt\": \"text\"}}")
-    entry = {"name": name, "path": info["file_name"], "language": name, "role": role,
-             "text_field": columns.get("prompt", "text")}
+        raise UserError(f'{where}: \'columns\' must be a mapping such as {{"prompt": "text"}}')
+    entry = {
+        "name": name,
+        "path": info["file_name"],
+        "language": name,
+        "role": role,
+        "text_field": columns.get("prompt", "text"),
+    }
     if "group_tag" in info:
         entry["group"] = _parse_group_tag(info["group_tag"], where)
     return entry

@@ -75,8 +75,13 @@ def tokenize_and_pack(
     if streaming:
         from datasets import IterableDataset
 
-        gen_kwargs = {"corpora": tuple(corpora), "tokenizer": tokenizer, "eos_id": eos_id,
-                      "cutoff_len": cutoff_len, "on_bad_record": on_bad_record}  # a tuple: datasets shards lists
+        gen_kwargs = {
+            "corpora": tuple(corpora),
+            "tokenizer": tokenizer,
+            "eos_id": eos_id,
+            "cutoff_len": cutoff_len,
+            "on_bad_record": on_bad_record,
+        }  # a tuple: datasets shards lists
         stream = IterableDataset.from_generator(_stream_blocks, features=block_features(), gen_kwargs=gen_kwargs)
         return stream if seed is None else stream.shuffle(seed=seed, buffer_size=10_000)
     key = cache_key(corpora, tokenizer, cutoff_len=cutoff_len, on_bad_record=on_bad_record)
@@ -88,8 +93,14 @@ def block_features() -> Features:
     """The `datasets.Features` of a packed dataset."""
     from datasets import Features, List, Value
 
-    return Features({"input_ids": List(Value("int32")), "lang_mask": List(Value("int8")),
-                     "lang_group": List(Value("int8")), "language": Value("string")})
+    return Features(
+        {
+            "input_ids": List(Value("int32")),
+            "lang_mask": List(Value("int8")),
+            "lang_group": List(Value("int8")),
+            "language": Value("string"),
+        }
+    )
 
 
 def _check_args(corpora: Any, tokenizer: Any, cutoff_len: Any, num_proc: Any, on_bad_record: Any, seed: Any) -> int:
@@ -123,8 +134,15 @@ def cache_key(
         "cutoff_len": cutoff_len,
         "on_bad_record": on_bad_record,
         "corpora": [
-            {"name": c.name, "language": c.language, "role": c.role, "group": c.group, "text_field": c.text_field,
-             "max_docs": c.max_docs, "files": [file_fingerprint(p) for p in c.paths]}
+            {
+                "name": c.name,
+                "language": c.language,
+                "role": c.role,
+                "group": c.group,
+                "text_field": c.text_field,
+                "max_docs": c.max_docs,
+                "files": [file_fingerprint(p) for p in c.paths],
+            }
             for c in corpora
         ],
     }
@@ -270,8 +288,14 @@ def _stream_blocks(
 
 
 def _load_or_build(
-    corpora: list[Corpus], tokenizer: Any, eos_id: int, key: str, cutoff_len: int,
-    cache_dir: str | os.PathLike | None, num_proc: int, on_bad_record: BadRecordPolicy,
+    corpora: list[Corpus],
+    tokenizer: Any,
+    eos_id: int,
+    key: str,
+    cutoff_len: int,
+    cache_dir: str | os.PathLike | None,
+    num_proc: int,
+    on_bad_record: BadRecordPolicy,
 ) -> Dataset:
     """The packed dataset: memory-mapped from `cache_dir` when present, else built (and cached if asked)."""
     from datasets import Dataset, load_from_disk
@@ -298,8 +322,14 @@ def _load_or_build(
 
 
 def _build(
-    corpora: list[Corpus], tokenizer: Any, eos_id: int, key: str, cutoff_len: int, num_proc: int,
-    on_bad_record: BadRecordPolicy, work: Path,
+    corpora: list[Corpus],
+    tokenizer: Any,
+    eos_id: int,
+    key: str,
+    cutoff_len: int,
+    num_proc: int,
+    on_bad_record: BadRecordPolicy,
+    work: Path,
 ) -> tuple[Path, dict[str, Any]]:
     """Documents → Arrow → tokenised (`datasets.map`, `num_proc` workers) → packed blocks Arrow file in `work`."""
     import pyarrow as pa
@@ -311,17 +341,24 @@ def _build(
     doc_features = Features({"text": Value("string"), "corpus": Value("int16")})
     with pa.OSFile(str(docs_file), "wb") as sink, pa.ipc.new_stream(sink, doc_features.arrow_schema) as writer:
         for texts, src in _doc_batches(corpora, on_bad_record, stats):
-            writer.write_table(pa.table({"text": texts, "corpus": pa.array(src, pa.int16())},
-                                        schema=doc_features.arrow_schema))
+            writer.write_table(
+                pa.table({"text": texts, "corpus": pa.array(src, pa.int16())}, schema=doc_features.arrow_schema)
+            )
     for corpus, s in zip(corpora, stats):
         if s["skipped"]:
             logger.warning("corpus %s: skipped %d bad records", corpus.name, s["skipped"])
 
     tokenized = Dataset.from_file(str(docs_file)).map(
-        _encode_batch, batched=True, batch_size=DOC_BATCH, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=["text"], fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id},
+        _encode_batch,
+        batched=True,
+        batch_size=DOC_BATCH,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=["text"],
+        fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id},
         features=Features({"corpus": Value("int16"), "input_ids": List(Value("int32"))}),
-        cache_file_name=str(work / "tokens.arrow"), new_fingerprint=key[:32], desc="Tokenising",
+        cache_file_name=str(work / "tokens.arrow"),
+        new_fingerprint=key[:32],
+        desc="Tokenising",
     )
 
     packer = Packer(corpora, cutoff_len)
@@ -341,8 +378,13 @@ def _build(
                 writer.write_batch(_record_batch(out, schema))
     if num_blocks == 0:
         raise _too_short(int(tokens.sum()), cutoff_len)
-    meta = {"key": key, "cutoff_len": cutoff_len, "num_blocks": num_blocks, "dropped_tokens": packer.carried,
-            "corpora": {c.name: {**s, "tokens": int(t)} for c, s, t in zip(corpora, stats, tokens)}}
+    meta = {
+        "key": key,
+        "cutoff_len": cutoff_len,
+        "num_blocks": num_blocks,
+        "dropped_tokens": packer.carried,
+        "corpora": {c.name: {**s, "tokens": int(t)} for c, s, t in zip(corpora, stats, tokens)},
+    }
     logger.info("packed %d blocks of %d tokens (%d trailing tokens dropped)", num_blocks, cutoff_len, packer.carried)
     return blocks_file, meta
 
@@ -357,6 +399,10 @@ def _record_batch(blocks: dict[str, np.ndarray], schema: Any) -> Any:
     def as_list(a: np.ndarray) -> pa.Array:
         return pa.ListArray.from_arrays(offsets, pa.array(a.reshape(-1)))
 
-    columns = [as_list(blocks["input_ids"]), as_list(blocks["lang_mask"]), as_list(blocks["lang_group"]),
-               pa.array(blocks["language"].tolist(), pa.string())]
+    columns = [
+        as_list(blocks["input_ids"]),
+        as_list(blocks["lang_mask"]),
+        as_list(blocks["lang_group"]),
+        pa.array(blocks["language"].tolist(), pa.string()),
+    ]
     return pa.RecordBatch.from_arrays(columns, schema=schema)

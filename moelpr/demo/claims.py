@@ -22,8 +22,16 @@ from typing import Any
 OLD_TOLERANCE = 0.05
 CLOSE_SHARE = 0.80
 MATCH_SHARE = 0.90
-COMPETITORS = ("full", "lora", "llama_pro", "moe_one_stage", "loramoe", "moe_stage1", "moe_review_no_lpr",
-               "moe_lpr_no_copy")
+COMPETITORS = (
+    "full",
+    "lora",
+    "llama_pro",
+    "moe_one_stage",
+    "loramoe",
+    "moe_stage1",
+    "moe_review_no_lpr",
+    "moe_lpr_no_copy",
+)
 
 
 def _avg(results: dict[str, Any], method: str, metric: str, role: str) -> float:
@@ -55,46 +63,60 @@ def check_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         return f"{100 * (value - base) / base:+.1f}%"
 
     return [
-        {"claim": "Full fine-tuning gains on the new languages",
-         "reproduced": full_new < base_new,
-         "evidence": f"mean new-language ppl {base_new:.2f} (base) → {full_new:.2f} (full), "
-                     f"{pct(full_new, base_new)}"},
-        {"claim": "Full fine-tuning loses on the old languages",
-         "reproduced": full_old > base_old,
-         "evidence": f"mean old-language ppl {base_old:.2f} (base) → {full_old:.2f} (full), "
-                     f"{pct(full_old, base_old)}"},
-        {"claim": f"MoE-LPR keeps old-language perplexity within {OLD_TOLERANCE:.0%} of the base",
-         "reproduced": lpr_old <= (1 + OLD_TOLERANCE) * base_old,
-         "evidence": f"mean old-language ppl {base_old:.2f} (base) → {lpr_old:.2f} (MoE-LPR), "
-                     f"{pct(lpr_old, base_old)}"},
-        {"claim": f"MoE-LPR gains on the new languages close to full fine-tuning (≥ {CLOSE_SHARE:.0%} of its gain)",
-         "reproduced": drop_full > 0 and drop_lpr >= CLOSE_SHARE * drop_full,
-         "evidence": f"drop of mean new-language bits per byte: full {drop_full:.4f}, MoE-LPR {drop_lpr:.4f} "
-                     f"({share:.0%} of full's)"},
-        {"claim": f"LayerMoE matches MoE-LPR with fewer new experts (old ppl ≤ MoE-LPR's + {OLD_TOLERANCE:.0%}, "
-                  f"≥ {MATCH_SHARE:.0%} of its new-language gain)",
-         "reproduced": layer_old <= (1 + OLD_TOLERANCE) * lpr_old and drop_lpr > 0
-                       and drop_layer >= MATCH_SHARE * drop_lpr,
-         "evidence": f"mean old-language ppl {lpr_old:.2f} (MoE-LPR) vs {layer_old:.2f} (LayerMoE), "
-                     f"{pct(layer_old, lpr_old)}; drop of new-language bits per byte {drop_layer:.4f} "
-                     f"({layer_share:.0%} of MoE-LPR's)"},
-        {"claim": "MoE-LPR is the best of the trained rows on old and new together (mean of the old and new "
-                  "mean bits per byte)",
-         "reproduced": all(lpr_score < score for score in rivals.values()),
-         "evidence": f"MoE-LPR {lpr_score:.4f}; best other row "
-                     + (f"{best_rival} {rivals[best_rival]:.4f}" if best_rival else "none")},
+        {
+            "claim": "Full fine-tuning gains on the new languages",
+            "reproduced": full_new < base_new,
+            "evidence": f"mean new-language ppl {base_new:.2f} (base) → {full_new:.2f} (full), "
+            f"{pct(full_new, base_new)}",
+        },
+        {
+            "claim": "Full fine-tuning loses on the old languages",
+            "reproduced": full_old > base_old,
+            "evidence": f"mean old-language ppl {base_old:.2f} (base) → {full_old:.2f} (full), "
+            f"{pct(full_old, base_old)}",
+        },
+        {
+            "claim": f"MoE-LPR keeps old-language perplexity within {OLD_TOLERANCE:.0%} of the base",
+            "reproduced": lpr_old <= (1 + OLD_TOLERANCE) * base_old,
+            "evidence": f"mean old-language ppl {base_old:.2f} (base) → {lpr_old:.2f} (MoE-LPR), "
+            f"{pct(lpr_old, base_old)}",
+        },
+        {
+            "claim": f"MoE-LPR gains on the new languages close to full fine-tuning (≥ {CLOSE_SHARE:.0%} of its gain)",
+            "reproduced": drop_full > 0 and drop_lpr >= CLOSE_SHARE * drop_full,
+            "evidence": f"drop of mean new-language bits per byte: full {drop_full:.4f}, MoE-LPR {drop_lpr:.4f} "
+            f"({share:.0%} of full's)",
+        },
+        {
+            "claim": f"LayerMoE matches MoE-LPR with fewer new experts (old ppl ≤ MoE-LPR's + {OLD_TOLERANCE:.0%}, "
+            f"≥ {MATCH_SHARE:.0%} of its new-language gain)",
+            "reproduced": layer_old <= (1 + OLD_TOLERANCE) * lpr_old
+            and drop_lpr > 0
+            and drop_layer >= MATCH_SHARE * drop_lpr,
+            "evidence": f"mean old-language ppl {lpr_old:.2f} (MoE-LPR) vs {layer_old:.2f} (LayerMoE), "
+            f"{pct(layer_old, lpr_old)}; drop of new-language bits per byte {drop_layer:.4f} "
+            f"({layer_share:.0%} of MoE-LPR's)",
+        },
+        {
+            "claim": "MoE-LPR is the best of the trained rows on old and new together (mean of the old and new "
+            "mean bits per byte)",
+            "reproduced": all(lpr_score < score for score in rivals.values()),
+            "evidence": f"MoE-LPR {lpr_score:.4f}; best other row "
+            + (f"{best_rival} {rivals[best_rival]:.4f}" if best_rival else "none"),
+        },
     ]
 
 
 def claims_markdown(claims: list[dict[str, Any]]) -> str:
-    lines = ["## Does the paper's claim reproduce here?", "",
-             "| claim | reproduced | evidence |", "|---|---|---|"]
+    lines = ["## Does the paper's claim reproduce here?", "", "| claim | reproduced | evidence |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {'**yes**' if c['reproduced'] else '**NO**'} | {c['evidence']} |" for c in claims]
     failed = [c["claim"] for c in claims if not c["reproduced"]]
     lines.append("")
     if failed:
-        lines.append("Not reproduced in this run: " + "; ".join(failed) + ". The numbers above are reported as "
-                     "they came out; nothing was tuned on the held-out text.")
+        lines.append(
+            "Not reproduced in this run: " + "; ".join(failed) + ". The numbers above are reported as "
+            "they came out; nothing was tuned on the held-out text."
+        )
     else:
         lines.append("Every claim reproduced in this run.")
     lines.append("")

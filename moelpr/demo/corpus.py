@@ -50,8 +50,10 @@ MANPAGE_SOURCES: dict[str, tuple[str, str]] = {
 SYSTEM_MAN_ROOT = Path("/usr/share/man")
 RENDER_WIDTH = 1000  # mandoc's maximum; wide enough that few paragraphs wrap
 _WRAP_SLACK = 200  # a line this close to RENDER_WIDTH that is followed by text was wrapped
-_INSTALL_HINT = ("run: bash scripts/install_manpages.sh (or: apt-get install manpages manpages-es manpages-zh "
-                 "manpages-tr manpages-hu manpages-uk mandoc), or give your own text with --corpora and --heldout")
+_INSTALL_HINT = (
+    "run: bash scripts/install_manpages.sh (or: apt-get install manpages manpages-es manpages-zh "
+    "manpages-tr manpages-hu manpages-uk mandoc), or give your own text with --corpora and --heldout"
+)
 
 _OVERSTRIKE = re.compile(".\b")  # bold/underline as "x\bx" / "_\bx"
 # The tag of a tagged paragraph: "-c, --count   Text" → "Text" (not a sentence: "Done.  Next").
@@ -271,8 +273,9 @@ def check_languages(old: tuple[str, ...], new: tuple[str, ...]) -> None:
         raise UserError(f"languages must appear once, as old or new (got old={list(old)}, new={list(new)})")
 
 
-def _split(docs: list[tuple[str, str]], heldout_fraction: float, validation_fraction: float,
-           seed: int) -> dict[str, list[str]]:
+def _split(
+    docs: list[tuple[str, str]], heldout_fraction: float, validation_fraction: float, seed: int
+) -> dict[str, list[str]]:
     """Train, validation and held-out (test) texts of (page name, text) documents.
 
     Documents are visited in the order of a seeded hash of their page name (the same order in every
@@ -413,17 +416,24 @@ def build_manpage_corpus(
 
     cap = max_chars_per_language
     train_fraction = 1 - heldout_fraction - validation_fraction
-    caps = {split: None if cap is None else int(cap * fraction / train_fraction)
-            for split, fraction in (("train", train_fraction), ("validation", validation_fraction),
-                                    ("heldout", heldout_fraction))}
+    caps = {
+        split: None if cap is None else int(cap * fraction / train_fraction)
+        for split, fraction in (
+            ("train", train_fraction),
+            ("validation", validation_fraction),
+            ("heldout", heldout_fraction),
+        )
+    }
     entries: dict[str, list[dict]] = {"train": [], "validation": [], "heldout": []}
     final = Path(out_dir)
     with atomic_output_dir(final, overwrite=overwrite) as tmp:
         for lang, lang_docs in docs.items():
             if not lang_docs:
                 raise UserError(f"no usable text in the {lang!r} man pages; reinstall {MANPAGE_SOURCES[lang][0]}")
-            splits = {split: _cap(texts, caps[split])
-                      for split, texts in _split(lang_docs, heldout_fraction, validation_fraction, seed).items()}
+            splits = {
+                split: _cap(texts, caps[split])
+                for split, texts in _split(lang_docs, heldout_fraction, validation_fraction, seed).items()
+            }
             if not splits["train"]:
                 raise UserError(f"max_chars_per_language={cap} leaves no {lang!r} text; raise it")
             s = stats[lang]
@@ -437,7 +447,12 @@ def build_manpage_corpus(
         files += [("validation", "validation.yaml")] if validation_fraction > 0 else []
         for split, file in files:
             (tmp / file).write_text(yaml.safe_dump(entries[split], sort_keys=False, allow_unicode=True))
-        summary = {"renderer": renderer, "seed": seed, "heldout_fraction": heldout_fraction,
-                   "validation_fraction": validation_fraction, "languages": stats}
+        summary = {
+            "renderer": renderer,
+            "seed": seed,
+            "heldout_fraction": heldout_fraction,
+            "validation_fraction": validation_fraction,
+            "languages": stats,
+        }
         (tmp / "corpus_stats.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return final / "corpora.yaml"

@@ -73,15 +73,22 @@ def build_pretraining_mix(corpora: list[Corpus], out_dir: Path, *, new_share: fl
     old_bytes = sum(len(t.encode("utf-8")) for lang in old for c in by_lang[lang] for t in iter_documents(c))
     per_new = int(new_share * old_bytes / (1 - new_share) / max(1, len(new)))  # bytes per new language
     stats: dict[str, Any] = {"new_share_target": new_share, "old_bytes": old_bytes, "per_language": {}}
-    base_entries = [{"name": c.name, "path": c.paths, "language": lang, "role": "old", "text_field": c.text_field}
-                    for lang in old for c in by_lang[lang]]
+    base_entries = [
+        {"name": c.name, "path": c.paths, "language": lang, "role": "old", "text_field": c.text_field}
+        for lang in old
+        for c in by_lang[lang]
+    ]
     pool_entries = list(base_entries)
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
         for lang in new:
             texts = [t for c in by_lang[lang] for t in iter_documents(c)]
             pool, base = _tail_pages(texts, per_new) if new_share > 0 else (texts, [])
-            stats["per_language"][lang] = {"base_pages": len(base), "base_bytes": sum(len(t.encode()) for t in base),
-                                           "pool_pages": len(pool), "pool_bytes": sum(len(t.encode()) for t in pool)}
+            stats["per_language"][lang] = {
+                "base_pages": len(base),
+                "base_bytes": sum(len(t.encode()) for t in base),
+                "pool_pages": len(pool),
+                "pool_bytes": sum(len(t.encode()) for t in pool),
+            }
             _write_jsonl(tmp / "pool" / f"{lang}.jsonl", pool)
             pool_entries.append(_entry(lang, f"pool/{lang}.jsonl", "new", f"pool_{lang}"))
             if base:
@@ -132,8 +139,16 @@ def review_name(scale: float) -> str:
     return "review" if scale == 1 else f"review_x{scale:g}"
 
 
-def build_mixes(pool: list[Corpus], base: list[Corpus], tokenizer: Any, out_dir: Path, *, new_tokens: int,
-                replay_tokens: int, review_scales: tuple[float, ...] = (1.0,)) -> Path:
+def build_mixes(
+    pool: list[Corpus],
+    base: list[Corpus],
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    new_tokens: int,
+    replay_tokens: int,
+    review_scales: tuple[float, ...] = (1.0,),
+) -> Path:
     """Write the corpora files of the module docstring into `out_dir` (atomically) and return it.
 
     Args:
@@ -150,17 +165,24 @@ def build_mixes(pool: list[Corpus], base: list[Corpus], tokenizer: Any, out_dir:
     new = [lang for lang, cs in by_lang.items() if cs[0].role == "new"]
     scales = sorted({1.0, *review_scales})
     files: dict[str, list[dict]] = {"base": [], "stage1": [], "baselines": [], **{review_name(x): [] for x in scales}}
-    stats: dict[str, Any] = {"stage1_tokens": 0, "replay_tokens": 0, "review_tokens": 0, "per_language": {},
-                             "reviews": {review_name(x): {"scale": x, "replay_tokens": 0, "tokens": 0} for x in scales}}
+    stats: dict[str, Any] = {
+        "stage1_tokens": 0,
+        "replay_tokens": 0,
+        "review_tokens": 0,
+        "per_language": {},
+        "reviews": {review_name(x): {"scale": x, "replay_tokens": 0, "tokens": 0} for x in scales},
+    }
     base_tokens = {}
     for c in base:
-        files["base"].append({"name": c.name, "path": c.paths, "language": c.language, "role": c.role,
-                              "text_field": c.text_field})
+        files["base"].append(
+            {"name": c.name, "path": c.paths, "language": c.language, "role": c.role, "text_field": c.text_field}
+        )
         count = sum(len(ids) + 1 for ids in tokenizer(list(iter_documents(c)), add_special_tokens=False)["input_ids"])
         base_tokens[c.language] = base_tokens.get(c.language, 0) + count
     stats["base_tokens"] = base_tokens
-    stats["base_new_token_share"] = (sum(n for lang, n in base_tokens.items() if lang in new)
-                                     / max(1, sum(base_tokens.values())))
+    stats["base_new_token_share"] = sum(n for lang, n in base_tokens.items() if lang in new) / max(
+        1, sum(base_tokens.values())
+    )
 
     def review_part(lang: str, role: str, budget: int, folder: str, cap: int | None = None) -> None:
         for x in scales:

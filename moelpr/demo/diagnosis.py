@@ -31,8 +31,11 @@ def gain_shares(results: dict[str, Any], split: str = "test") -> dict[str, float
         return methods[name] if split == "test" else methods[name]["validation"]
 
     base, full = _avg(pick("base"), "bpb", "new"), _avg(pick("full"), "bpb", "new")
-    return {name: (base - _avg(pick(name), "bpb", "new")) / (base - full) for name in methods
-            if name != "base" and base > full}
+    return {
+        name: (base - _avg(pick(name), "bpb", "new")) / (base - full)
+        for name in methods
+        if name != "base" and base > full
+    }
 
 
 def embedding_share(sizes: dict[str, Any]) -> float:
@@ -46,19 +49,26 @@ def embedding_share(sizes: dict[str, Any]) -> float:
 def _embedding_section(results: dict[str, Any]) -> list[str]:
     test, val = gain_shares(results, "test"), gain_shares(results, "validation")
     rows = sorted(test, key=lambda n: (n not in TRAINS_EMBEDDINGS, -test[n]))
-    lines = ["### New-language gain and the frozen embeddings (claims 4 and 6; old_vs_new.png)", "",
-             "| row | trains embeddings + LM head | new-language gain / full FT's (test) | (validation) |",
-             "|---|---|---|---|"]
+    lines = [
+        "### New-language gain and the frozen embeddings (claims 4 and 6; old_vs_new.png)",
+        "",
+        "| row | trains embeddings + LM head | new-language gain / full FT's (test) | (validation) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {n} | {'yes' if n in TRAINS_EMBEDDINGS else 'no'} | {test[n]:.0%} | {val[n]:.0%} |" for n in rows]
     frozen = [test[n] for n in rows if n not in TRAINS_EMBEDDINGS]
     trained = [test[n] for n in rows if n in TRAINS_EMBEDDINGS and n != "full"]
-    lines += ["", f"Every row that keeps the embeddings and the LM head frozen gains at most {max(frozen):.0%} of full "
-              "fine-tuning's new-language bits per byte"
-              + (f"; the one-stage MoE, which trains them, gains {min(trained):.0%}" if trained else "")
-              + f". At this size the embeddings and the LM head are {embedding_share(results['settings']['sizes']):.0%} of "
-              "the base's parameters, and the new-language tokens' "
-              "rows were trained on the few per cent of new-language text the base saw: full fine-tuning's lead "
-              "comes from retraining them (docs/demo.md, reading (c)).", ""]
+    lines += [
+        "",
+        f"Every row that keeps the embeddings and the LM head frozen gains at most {max(frozen):.0%} of full "
+        "fine-tuning's new-language bits per byte"
+        + (f"; the one-stage MoE, which trains them, gains {min(trained):.0%}" if trained else "")
+        + f". At this size the embeddings and the LM head are {embedding_share(results['settings']['sizes']):.0%} of "
+        "the base's parameters, and the new-language tokens' "
+        "rows were trained on the few per cent of new-language text the base saw: full fine-tuning's lead "
+        "comes from retraining them (docs/demo.md, reading (c)).",
+        "",
+    ]
     return lines
 
 
@@ -77,33 +87,51 @@ def _routing_section(results: dict[str, Any]) -> list[str]:
         return sum(rows) / len(rows)
 
     layers = val["routing"][langs["old"][0]]["layers"]
-    lines = ["### Where MoE-LPR's remaining forgetting sits (claim 3; router_expert0_layers.png), validation pages", "",
-             f"MoE-LPR's mean old-language perplexity: {100 * (lpr_old - base_old) / base_old:+.1f}% against the base.",
-             "",
-             "| layer | expert-0 prob, old | new | ceiling, old (bias-free linear router) | old/new separable "
-             "(balanced accuracy) | with this layer dense (expert 0 alone): old ppl vs base | new-language gain "
-             "kept |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "### Where MoE-LPR's remaining forgetting sits (claim 3; router_expert0_layers.png), validation pages",
+        "",
+        f"MoE-LPR's mean old-language perplexity: {100 * (lpr_old - base_old) / base_old:+.1f}% against the base.",
+        "",
+        "| layer | expert-0 prob, old | new | ceiling, old (bias-free linear router) | old/new separable "
+        "(balanced accuracy) | with this layer dense (expert 0 alone): old ppl vs base | new-language gain "
+        "kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i, layer in enumerate(layers):
         probe, effect = probes.get(layer), effects.get(layer)
-        dense = (f"{100 * (_avg(effect, 'ppl', 'old') - base_old) / base_old:+.1f}% | "
-                 + (f"{(base_new - _avg(effect, 'bpb', 'new')) / lpr_gain:.0%}" if lpr_gain > 0 else "–")
-                 if effect else "– | –")
-        lines.append(f"| {layer} | {p0(i, 'old'):.2f} | {p0(i, 'new'):.2f} | "
-                     f"{probe['lpr_only']['mean_p0_old']:.2f} | {probe['separate']['balanced_accuracy']:.2f} | "
-                     f"{dense} |" if probe else f"| {layer} | {p0(i, 'old'):.2f} | {p0(i, 'new'):.2f} | – | – | {dense} |")
+        dense = (
+            f"{100 * (_avg(effect, 'ppl', 'old') - base_old) / base_old:+.1f}% | "
+            + (f"{(base_new - _avg(effect, 'bpb', 'new')) / lpr_gain:.0%}" if lpr_gain > 0 else "–")
+            if effect
+            else "– | –"
+        )
+        lines.append(
+            f"| {layer} | {p0(i, 'old'):.2f} | {p0(i, 'new'):.2f} | "
+            f"{probe['lpr_only']['mean_p0_old']:.2f} | {probe['separate']['balanced_accuracy']:.2f} | "
+            f"{dense} |"
+            if probe
+            else f"| {layer} | {p0(i, 'old'):.2f} | {p0(i, 'new'):.2f} | – | – | {dense} |"
+        )
     if effects:
         worst = min(effects.values(), key=lambda e: _avg(e, "ppl", "old"))
-        lines += ["", f"Replacing layer {worst['layer']} alone by expert 0 brings the old-language perplexity to "
-                  f"{100 * (_avg(worst, 'ppl', 'old') - base_old) / base_old:+.1f}% of the base: the forgetting left "
-                  "sits in the layers whose old tokens still reach the new experts."]
+        lines += [
+            "",
+            f"Replacing layer {worst['layer']} alone by expert 0 brings the old-language perplexity to "
+            f"{100 * (_avg(worst, 'ppl', 'old') - base_old) / base_old:+.1f}% of the base: the forgetting left "
+            "sits in the layers whose old tokens still reach the new experts.",
+        ]
     return lines + [""]
 
 
 def diagnosis_markdown(results: dict[str, Any]) -> str:
     """The section: the embeddings' part when claim 4 or 6 failed, the routing per layer always."""
     failed = {i for i, c in enumerate(results["claims"], start=1) if not c["reproduced"]}
-    lines = ["## What stops the claims that fail here" if failed else "## Where the remaining gaps sit", "",
-             "Measured in this run (docs/demo.md explains each measurement and the readings (a)–(d)).", ""]
+    lines = [
+        "## What stops the claims that fail here" if failed else "## Where the remaining gaps sit",
+        "",
+        "Measured in this run (docs/demo.md explains each measurement and the readings (a)–(d)).",
+        "",
+    ]
     if failed & {4, 6}:
         lines += _embedding_section(results)
     return "\n".join(lines + _routing_section(results))

@@ -31,12 +31,13 @@ def _windows(tokenizer, texts: Sequence[str], max_tokens: int, length: int) -> l
         if len(ids) >= max_tokens:
             break
     ids = ids[:max_tokens]
-    return [ids[i:i + length] for i in range(0, len(ids), length)]
+    return [ids[i : i + length] for i in range(0, len(ids), length)]
 
 
 @torch.inference_mode()
-def router_inputs(model, tokenizer, texts: dict[str, Sequence[str]], *, max_tokens: int, context_len: int,
-                  batch_size: int = 16) -> dict[str, list[torch.Tensor]]:
+def router_inputs(
+    model, tokenizer, texts: dict[str, Sequence[str]], *, max_tokens: int, context_len: int, batch_size: int = 16
+) -> dict[str, list[torch.Tensor]]:
     """Per language, the MLP inputs `(n, H)` of every decoder layer (float32), in window order.
 
     Works on a dense model and on an MoE-LPR model alike: the hooks sit on each decoder layer's `mlp`.
@@ -45,21 +46,22 @@ def router_inputs(model, tokenizer, texts: dict[str, Sequence[str]], *, max_toke
 
     layers = decoder_layers(getattr(model, "lm", model))  # an MoE-LPR model wraps the HF LM as `.lm`
     captured: list[torch.Tensor] = []
-    hooks = [layer.mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
-             for layer in layers]
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach())) for layer in layers
+    ]
     out: dict[str, list[list[torch.Tensor]]] = {}
     try:
         for lang, docs in texts.items():
             windows = _windows(tokenizer, docs, max_tokens, context_len)
             per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
             for start in range(0, len(windows), batch_size):
-                batch = windows[start:start + batch_size]
+                batch = windows[start : start + batch_size]
                 width = max(map(len, batch))
                 ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, S)
                 mask = torch.zeros((len(batch), width), dtype=torch.bool)  # (B, S)
                 for i, w in enumerate(batch):
-                    ids[i, :len(w)] = torch.tensor(w)
-                    mask[i, :len(w)] = True
+                    ids[i, : len(w)] = torch.tensor(w)
+                    mask[i, : len(w)] = True
                 captured.clear()
                 model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
                 for layer, x in enumerate(captured):
@@ -108,26 +110,45 @@ def probe_layer(old: torch.Tensor, new: torch.Tensor, num_experts: int) -> dict[
     # separate: old → expert 0, new → "not expert 0" (expert 1 stands for all new experts), each role weighted ½
     x = torch.cat([old_fit, new_fit])
     targets = torch.cat([zeros, torch.ones(new_fit.shape[0], dtype=torch.long)])
-    weights = torch.cat([torch.full((old_fit.shape[0],), 0.5 / old_fit.shape[0]),
-                         torch.full((new_fit.shape[0],), 0.5 / new_fit.shape[0])])
+    weights = torch.cat(
+        [
+            torch.full((old_fit.shape[0],), 0.5 / old_fit.shape[0]),
+            torch.full((new_fit.shape[0],), 0.5 / new_fit.shape[0]),
+        ]
+    )
     w_sep = _fit(x, targets, weights, 2)
     p_lpr = _p0(old_test, w_lpr)
     p_old, p_new = _p0(old_test, w_sep), _p0(new_test, w_sep)
     return {
-        "lpr_only": {"mean_p0_old": float(p_lpr.mean()), "share_p0_old_above_0.9": float((p_lpr > 0.9).double().mean())},
-        "separate": {"balanced_accuracy": float(((p_old > 0.5).double().mean() + (p_new <= 0.5).double().mean()) / 2),
-                     "mean_p0_old": float(p_old.mean()), "mean_p0_new": float(p_new.mean())},
+        "lpr_only": {
+            "mean_p0_old": float(p_lpr.mean()),
+            "share_p0_old_above_0.9": float((p_lpr > 0.9).double().mean()),
+        },
+        "separate": {
+            "balanced_accuracy": float(((p_old > 0.5).double().mean() + (p_new <= 0.5).double().mean()) / 2),
+            "mean_p0_old": float(p_old.mean()),
+            "mean_p0_new": float(p_new.mean()),
+        },
     }
 
 
-def router_probes(model, tokenizer, texts: dict[str, Sequence[str]], roles: dict[str, str], *, max_tokens: int,
-                  context_len: int, num_experts: int) -> list[dict[str, Any]]:
+def router_probes(
+    model,
+    tokenizer,
+    texts: dict[str, Sequence[str]],
+    roles: dict[str, str],
+    *,
+    max_tokens: int,
+    context_len: int,
+    num_experts: int,
+) -> list[dict[str, Any]]:
     """`probe_layer` for every decoder layer of `model`, pooling the languages of each role."""
     inputs = router_inputs(model, tokenizer, texts, max_tokens=max_tokens, context_len=context_len)
     n_layers = len(next(iter(inputs.values())))
     results = []
     for layer in range(n_layers):
-        pooled = {role: torch.cat([inputs[lang][layer] for lang in inputs if roles[lang] == role])
-                  for role in ("old", "new")}
+        pooled = {
+            role: torch.cat([inputs[lang][layer] for lang in inputs if roles[lang] == role]) for role in ("old", "new")
+        }
         results.append({"layer": layer, **probe_layer(pooled["old"], pooled["new"], num_experts)})
     return results

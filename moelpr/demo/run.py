@@ -44,8 +44,19 @@ from moelpr.demo.claims import OLD_TOLERANCE
 from moelpr.demo.settings import DemoSizes, check_or_write_settings, preset_sizes, resolve_precision, settings_record
 from moelpr.errors import UserError
 
-METHODS = ("base", "full", "lora", "llama_pro", "moe_one_stage", "loramoe", "moe_stage1", "moe_review_no_lpr",
-           "moe_lpr_no_copy", "moe_lpr", "layermoe")
+METHODS = (
+    "base",
+    "full",
+    "lora",
+    "llama_pro",
+    "moe_one_stage",
+    "loramoe",
+    "moe_stage1",
+    "moe_review_no_lpr",
+    "moe_lpr_no_copy",
+    "moe_lpr",
+    "layermoe",
+)
 PREREQUISITES = {"moe_lpr_no_copy": ("moe_lpr_no_copy_stage1",), "layermoe": ("layermoe_stage1",)}
 """Runs trained (and timed under the row) before a row: their stage 1."""
 DEFAULT_OLD = ("en", "es", "zh")
@@ -54,6 +65,7 @@ SPLITS = ("validation", "test")
 
 
 # ---- setup: languages, corpus, tokenizer, training mixes -------------------------------------------------------
+
 
 def _user_languages(files: dict[str, str]) -> dict[str, list[str]]:
     """Old/new languages of user corpora files, checked: both roles present, evaluation text for each language."""
@@ -65,8 +77,9 @@ def _user_languages(files: dict[str, str]) -> dict[str, list[str]]:
     train = load_corpora(files["train"])
     langs = {role: list(dict.fromkeys(c.language for c in train if c.role == role)) for role in ("old", "new")}
     if not langs["old"] or not langs["new"]:
-        raise UserError(f"{files['train']} needs corpora of both roles, old and new (has old={langs['old']}, "
-                        f"new={langs['new']})")
+        raise UserError(
+            f"{files['train']} needs corpora of both roles, old and new (has old={langs['old']}, new={langs['new']})"
+        )
     for split in ("validation", "heldout"):
         missing = sorted({*langs["old"], *langs["new"]} - {c.language for c in load_corpora(files[split])})
         if missing:
@@ -77,12 +90,22 @@ def _user_languages(files: dict[str, str]) -> dict[str, list[str]]:
 def _corpus(out: Path, sizes: DemoSizes, langs: dict[str, list[str]], seed: int) -> dict[str, Path]:
     from moelpr.demo.corpus import build_manpage_corpus
 
-    files = {"train": out / "corpus" / "corpora.yaml", "validation": out / "corpus" / "validation.yaml",
-             "heldout": out / "corpus" / "heldout.yaml"}
+    files = {
+        "train": out / "corpus" / "corpora.yaml",
+        "validation": out / "corpus" / "validation.yaml",
+        "heldout": out / "corpus" / "heldout.yaml",
+    }
     if not all(p.is_file() for p in files.values()):
-        build_manpage_corpus(out / "corpus", languages_old=tuple(langs["old"]), languages_new=tuple(langs["new"]),
-                             heldout_fraction=sizes.heldout_fraction, validation_fraction=sizes.validation_fraction,
-                             max_docs_per_language=sizes.max_pages_per_language, seed=seed, overwrite=True)
+        build_manpage_corpus(
+            out / "corpus",
+            languages_old=tuple(langs["old"]),
+            languages_new=tuple(langs["new"]),
+            heldout_fraction=sizes.heldout_fraction,
+            validation_fraction=sizes.validation_fraction,
+            max_docs_per_language=sizes.max_pages_per_language,
+            seed=seed,
+            overwrite=True,
+        )
     return files
 
 
@@ -105,8 +128,9 @@ def _tokenizer(out: Path, base_yaml: Path, langs: dict[str, list[str]], sizes: D
     path = out / "tokenizer"
     if (path / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(path)
-    return train_tokenizer(base_yaml, path, vocab_size=sizes.vocab_size, languages=[*langs["old"], *langs["new"]],
-                           overwrite=True)
+    return train_tokenizer(
+        base_yaml, path, vocab_size=sizes.vocab_size, languages=[*langs["old"], *langs["new"]], overwrite=True
+    )
 
 
 def _mixes(out: Path, pretrain: Path, tokenizer, sizes: DemoSizes) -> dict[str, Any]:
@@ -119,20 +143,38 @@ def _mixes(out: Path, pretrain: Path, tokenizer, sizes: DemoSizes) -> dict[str, 
         pool = load_corpora(pretrain / "pool.yaml")
         n_old = len({c.language for c in pool if c.role == "old"})
         replay = max(1, int(sizes.replay_fraction * sizes.stage1_steps * sizes.batch_size * sizes.cutoff_len / n_old))
-        build_mixes(pool, load_corpora(pretrain / "base.yaml"), tokenizer, data,
-                    new_tokens=sizes.new_tokens_per_language, replay_tokens=replay, review_scales=sizes.review_scales)
+        build_mixes(
+            pool,
+            load_corpora(pretrain / "base.yaml"),
+            tokenizer,
+            data,
+            new_tokens=sizes.new_tokens_per_language,
+            replay_tokens=replay,
+            review_scales=sizes.review_scales,
+        )
     return json.loads((data / "mix_stats.json").read_text())
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
 
+
 def _training_args(sizes: DemoSizes, *, lr: float, steps: int, seed: int, precision: str, progress: bool) -> dict:
     return {
-        "learning_rate": lr, "max_steps": steps, "per_device_train_batch_size": sizes.batch_size,
-        "gradient_accumulation_steps": 1, "lr_scheduler_type": "cosine", "warmup_steps": max(1, steps // 20),
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": seed, "bf16": precision == "bf16",
-        "logging_steps": max(1, steps // 4), "save_strategy": "no", "report_to": "none",
-        "dataloader_num_workers": 0, "disable_tqdm": not progress,
+        "learning_rate": lr,
+        "max_steps": steps,
+        "per_device_train_batch_size": sizes.batch_size,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": max(1, steps // 20),
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": seed,
+        "bf16": precision == "bf16",
+        "logging_steps": max(1, steps // 4),
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": not progress,
     }
 
 
@@ -146,11 +188,19 @@ def _init_base(out: Path, tokenizer, sizes: DemoSizes, seed: int) -> Path:
     path = out / "models" / "base_init"
     if (path / "config.json").is_file():
         return path
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes.hidden_size, num_hidden_layers=sizes.num_layers,
-                         intermediate_size=sizes.intermediate_size, num_attention_heads=sizes.num_heads,
-                         num_key_value_heads=sizes.num_heads, max_position_embeddings=sizes.cutoff_len,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.hidden_size,
+        num_hidden_layers=sizes.num_layers,
+        intermediate_size=sizes.intermediate_size,
+        num_attention_heads=sizes.num_heads,
+        num_key_value_heads=sizes.num_heads,
+        max_position_embeddings=sizes.cutoff_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with atomic_output_dir(path, overwrite=True) as tmp:
@@ -171,40 +221,79 @@ def _plans(out: Path, sizes: DemoSizes, mix: dict[str, Any], gamma: float | None
 
     data, models = out / "data", out / "models"
     s2_steps = stage2_steps(mix["review_tokens"], sizes)
-    baseline = {"corpora": str(data / "baselines.yaml"), "model": str(models / "base"),
-                "steps": sizes.stage1_steps + s2_steps, "lr": sizes.lr}
-    review = {"method": "moe", "stage": 2, "model": str(models / "moe_stage1"), "corpora": str(data / "review.yaml"),
-              "steps": s2_steps, "lr": sizes.stage2_lr, "lpr_loss_coef": gamma,
-              "lpr_loss_reduction": sizes.lpr_loss_reduction}
-    stage1 = {"method": "moe", "stage": 1, "model": str(models / "base"), "corpora": str(data / "stage1.yaml"),
-              "num_experts": sizes.num_experts, "top_k": sizes.top_k, "steps": sizes.stage1_steps, "lr": sizes.lr}
+    baseline = {
+        "corpora": str(data / "baselines.yaml"),
+        "model": str(models / "base"),
+        "steps": sizes.stage1_steps + s2_steps,
+        "lr": sizes.lr,
+    }
+    review = {
+        "method": "moe",
+        "stage": 2,
+        "model": str(models / "moe_stage1"),
+        "corpora": str(data / "review.yaml"),
+        "steps": s2_steps,
+        "lr": sizes.stage2_lr,
+        "lpr_loss_coef": gamma,
+        "lpr_loss_reduction": sizes.lpr_loss_reduction,
+    }
+    stage1 = {
+        "method": "moe",
+        "stage": 1,
+        "model": str(models / "base"),
+        "corpora": str(data / "stage1.yaml"),
+        "num_experts": sizes.num_experts,
+        "top_k": sizes.top_k,
+        "steps": sizes.stage1_steps,
+        "lr": sizes.lr,
+    }
     plans = {
-        "base": {"method": "full", "model": str(models / "base_init"), "corpora": str(data / "base.yaml"),
-                 "steps": sizes.base_steps, "lr": sizes.base_lr},
+        "base": {
+            "method": "full",
+            "model": str(models / "base_init"),
+            "corpora": str(data / "base.yaml"),
+            "steps": sizes.base_steps,
+            "lr": sizes.base_lr,
+        },
         "full": {"method": "full", **baseline},
         "lora": {"method": "lora", "lora_rank": sizes.lora_rank, "lora_alpha": 2 * sizes.lora_rank, **baseline},
         "llama_pro": {"method": "llama_pro", "llama_pro_blocks": sizes.llama_pro_blocks, **baseline},
-        "moe_one_stage": {"method": "moe_one_stage", "num_experts": sizes.num_experts, "top_k": sizes.top_k,
-                          **baseline},
-        "loramoe": {"method": "loramoe", "loramoe_experts": sizes.loramoe_experts, "lora_rank": sizes.loramoe_rank,
-                    "lora_alpha": 2 * sizes.loramoe_rank, **baseline},
+        "moe_one_stage": {
+            "method": "moe_one_stage",
+            "num_experts": sizes.num_experts,
+            "top_k": sizes.top_k,
+            **baseline,
+        },
+        "loramoe": {
+            "method": "loramoe",
+            "loramoe_experts": sizes.loramoe_experts,
+            "lora_rank": sizes.loramoe_rank,
+            "lora_alpha": 2 * sizes.loramoe_rank,
+            **baseline,
+        },
         "moe_stage1": stage1,
         "moe_review_no_lpr": {**review, "lpr_loss_coef": 0.0},
         "moe_lpr_no_copy_stage1": {**stage1, "expert_init": "random"},
         "moe_lpr_no_copy": {**review, "model": str(models / "moe_lpr_no_copy_stage1")},
         "moe_lpr": review,
         "layermoe_stage1": {**stage1, "num_experts": str(out / "layermoe" / "allocation.json")},
-        "layermoe": {**review, "model": str(models / "layermoe_stage1"),
-                     "similarity": str(out / "layermoe" / "similarity.json"),
-                     "classifier_top_k": sizes.classifier_top_k},
+        "layermoe": {
+            **review,
+            "model": str(models / "layermoe_stage1"),
+            "similarity": str(out / "layermoe" / "similarity.json"),
+            "classifier_top_k": sizes.classifier_top_k,
+        },
     }
     for g in sizes.gamma_grid:
         plans[gamma_run(g)] = {**review, "lpr_loss_coef": g}
     for scale in sizes.review_scales:
         if scale != 1:
             tokens = mix["reviews"][review_name(scale)]["tokens"]
-            plans[review_run(scale)] = {**review, "corpora": str(data / f"{review_name(scale)}.yaml"),
-                                        "steps": stage2_steps(tokens, sizes)}
+            plans[review_run(scale)] = {
+                **review,
+                "corpora": str(data / f"{review_name(scale)}.yaml"),
+                "steps": stage2_steps(tokens, sizes),
+            }
     return plans
 
 
@@ -221,11 +310,14 @@ def choose_gamma(old_ppl: dict[float, float], base_old_ppl: float, tolerance: fl
     listed = ", ".join(f"γ {g:g}: {r - 1:+.1%}" for g, r in ratios.items())
     within = [g for g, r in ratios.items() if r <= 1 + tolerance]
     if within:
-        return within[0], (f"the smallest γ whose validation old-language ppl is within {tolerance:.0%} of the "
-                           f"base's ({listed})")
+        return within[0], (
+            f"the smallest γ whose validation old-language ppl is within {tolerance:.0%} of the base's ({listed})"
+        )
     best = min(ratios, key=ratios.get)
-    return best, (f"no γ keeps the validation old-language ppl within {tolerance:.0%} of the base's; the one that "
-                  f"forgets least ({listed})")
+    return best, (
+        f"no γ keeps the validation old-language ppl within {tolerance:.0%} of the base's; the one that "
+        f"forgets least ({listed})"
+    )
 
 
 def review_run(scale: float) -> str:
@@ -233,18 +325,27 @@ def review_run(scale: float) -> str:
     return f"sweeps/review_x{scale:g}"
 
 
-def _train(name: str, plan: dict[str, Any], out: Path, sizes: DemoSizes, *, seed: int, precision: str,
-           progress: bool) -> Path:
+def _train(
+    name: str, plan: dict[str, Any], out: Path, sizes: DemoSizes, *, seed: int, precision: str, progress: bool
+) -> Path:
     from moelpr.train import load_recipe, train
 
     path = out / "models" / name
     if (path / "config.json").is_file():
         return path
     keys = {k: v for k, v in plan.items() if k not in ("steps", "lr")}
-    recipe = load_recipe({**keys, "cutoff_len": sizes.cutoff_len, "cache_dir": str(out / "cache"),
-                          "output_dir": str(path), "overwrite": True,
-                          **_training_args(sizes, lr=plan["lr"], steps=plan["steps"], seed=seed, precision=precision,
-                                           progress=progress)})
+    recipe = load_recipe(
+        {
+            **keys,
+            "cutoff_len": sizes.cutoff_len,
+            "cache_dir": str(out / "cache"),
+            "output_dir": str(path),
+            "overwrite": True,
+            **_training_args(
+                sizes, lr=plan["lr"], steps=plan["steps"], seed=seed, precision=precision, progress=progress
+            ),
+        }
+    )
     return train(recipe)
 
 
@@ -272,11 +373,34 @@ def _layermoe_allocation(out: Path, sizes: DemoSizes) -> Path:
     if (folder / "allocation.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    run_verb("similarity", ["--model", str(out / "models" / "base"), "--corpora", str(out / "pretrain" / "pool.yaml"),
-                            "--tokens", str(sizes.similarity_tokens), "--max-length", str(sizes.cutoff_len),
-                            "--device", "cpu", "--output", str(folder / "similarity.json")])
-    run_verb("allocate", ["--similarity", str(folder / "similarity.json"), "--budget", str(sizes.layermoe_budget),
-                          "--output", str(folder / "allocation.json")])
+    run_verb(
+        "similarity",
+        [
+            "--model",
+            str(out / "models" / "base"),
+            "--corpora",
+            str(out / "pretrain" / "pool.yaml"),
+            "--tokens",
+            str(sizes.similarity_tokens),
+            "--max-length",
+            str(sizes.cutoff_len),
+            "--device",
+            "cpu",
+            "--output",
+            str(folder / "similarity.json"),
+        ],
+    )
+    run_verb(
+        "allocate",
+        [
+            "--similarity",
+            str(folder / "similarity.json"),
+            "--budget",
+            str(sizes.layermoe_budget),
+            "--output",
+            str(folder / "allocation.json"),
+        ],
+    )
     return folder
 
 
@@ -287,15 +411,27 @@ def _expert_budget(model_dir: Path) -> dict[str, Any]:
 
     model = moelpr.load_model(model_dir)
     blocks = moe_blocks(model)
-    return {"experts_per_layer": list(model.config.experts_per_layer),
-            "new_experts": sum(block.num_experts - 1 for block in blocks),
-            "new_expert_params": sum(p.numel() for block in blocks for p in block.experts.parameters())}
+    return {
+        "experts_per_layer": list(model.config.experts_per_layer),
+        "new_experts": sum(block.num_experts - 1 for block in blocks),
+        "new_expert_params": sum(p.numel() for block in blocks for p in block.experts.parameters()),
+    }
 
 
 # ---- evaluation and report ---------------------------------------------------------------------------------------
 
-def _evaluate(name: str, model_dir: Path, split: str, split_yaml: Path, out: Path, sizes: DemoSizes, *,
-              precision: str, progress: bool) -> dict:
+
+def _evaluate(
+    name: str,
+    model_dir: Path,
+    split: str,
+    split_yaml: Path,
+    out: Path,
+    sizes: DemoSizes,
+    *,
+    precision: str,
+    progress: bool,
+) -> dict:
     from moelpr.data.corpus import load_corpora
     from moelpr.evaluate import load_model_and_tokenizer
     from moelpr.evaluate.perplexity import evaluate_corpora
@@ -305,9 +441,16 @@ def _evaluate(name: str, model_dir: Path, split: str, split_yaml: Path, out: Pat
     if path.is_file():
         return json.loads(path.read_text())
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device="cpu")
-    results = evaluate_corpora(model, tokenizer, load_corpora(split_yaml), batch_size=sizes.eval_batch_size,
-                               max_tokens=sizes.eval_tokens_per_language, context_len=sizes.cutoff_len,
-                               progress=progress, precision=precision)
+    results = evaluate_corpora(
+        model,
+        tokenizer,
+        load_corpora(split_yaml),
+        batch_size=sizes.eval_batch_size,
+        max_tokens=sizes.eval_tokens_per_language,
+        context_len=sizes.cutoff_len,
+        progress=progress,
+        precision=precision,
+    )
     results = {"method": name, "split": split, "model": str(model_dir), **results}
     atomic_write_json(path, results)
     return results
@@ -326,9 +469,15 @@ def _probes(name: str, out: Path, split_yaml: Path, sizes: DemoSizes) -> list[di
     model, tokenizer = load_model_and_tokenizer(out / "models" / name, dtype="float32", device="cpu")
     corpora = load_corpora(split_yaml)
     texts = {c.language: list(iter_documents(c)) for c in corpora}
-    results = router_probes(model, tokenizer, texts, {c.language: c.role for c in corpora},
-                            max_tokens=sizes.eval_tokens_per_language, context_len=sizes.cutoff_len,
-                            num_experts=sizes.num_experts)
+    results = router_probes(
+        model,
+        tokenizer,
+        texts,
+        {c.language: c.role for c in corpora},
+        max_tokens=sizes.eval_tokens_per_language,
+        context_len=sizes.cutoff_len,
+        num_experts=sizes.num_experts,
+    )
     atomic_write_json(path, results)
     return results
 
@@ -351,9 +500,16 @@ def _dense_layer_effects(name: str, out: Path, split_yaml: Path, sizes: DemoSize
     for layer in list(model.config.moe_layers):
         mlp = decoder_layers(model.lm)[layer].mlp
         decoder_layers(model.lm)[layer].mlp = mlp.original
-        res = evaluate_corpora(model, tokenizer, corpora, batch_size=sizes.eval_batch_size,
-                               max_tokens=sizes.eval_tokens_per_language, context_len=sizes.cutoff_len,
-                               progress=False, precision=precision)
+        res = evaluate_corpora(
+            model,
+            tokenizer,
+            corpora,
+            batch_size=sizes.eval_batch_size,
+            max_tokens=sizes.eval_tokens_per_language,
+            context_len=sizes.cutoff_len,
+            progress=False,
+            precision=precision,
+        )
         decoder_layers(model.lm)[layer].mlp = mlp
         effects.append({"layer": layer, "avg": res["avg"], "ppl": res["ppl"], "bpb": res["bpb"]})
     atomic_write_json(path, effects)
@@ -366,22 +522,34 @@ def _change(value: float, ref: float | None) -> str:
 
 def _line(name: str, res: dict, base: dict | None, seconds: float) -> str:
     """One printed line per finished row: test ppl (change against the base), validation in brackets."""
+
     def part(role: str) -> str:
         value, val = res["avg"][role]["ppl"], res["validation"]["avg"][role]["ppl"]
         ref = None if base is None or name == "base" else base["avg"][role]["ppl"]
         ref_val = None if base is None or name == "base" else base["validation"]["avg"][role]["ppl"]
         return f"{role} ppl {value:8.2f}{_change(value, ref)} [val {val:.2f}{_change(val, ref_val)}]"
+
     return f"[demo] {name:<18} {part('old')}   {part('new')}   {seconds:6.1f}s"
 
 
 def _experts_markdown(experts: dict[str, dict[str, Any]]) -> str:
-    lines = ["## New-expert budget", "", "| method | experts per layer (expert 0 included) | new experts | "
-             "new-expert parameters |", "|---|---|---|---|"]
-    lines += [f"| {name} | {e['experts_per_layer']} | {e['new_experts']} | {e['new_expert_params']:,} |"
-              for name, e in experts.items()]
+    lines = [
+        "## New-expert budget",
+        "",
+        "| method | experts per layer (expert 0 included) | new experts | new-expert parameters |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {e['experts_per_layer']} | {e['new_experts']} | {e['new_expert_params']:,} |"
+        for name, e in experts.items()
+    ]
     lpr, layer = experts["moe_lpr"]["new_expert_params"], experts["layermoe"]["new_expert_params"]
-    lines += ["", f"LayerMoE trains {layer / lpr:.0%} of MoE-LPR's new-expert parameters "
-              "(allocation in layermoe/allocation.png).", ""]
+    lines += [
+        "",
+        f"LayerMoE trains {layer / lpr:.0%} of MoE-LPR's new-expert parameters "
+        "(allocation in layermoe/allocation.png).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -392,8 +560,13 @@ ROUTER_ROWS = ("moe_stage1", "moe_review_no_lpr", "moe_lpr", "layermoe")
 def _figures(out: Path, results: dict) -> list[str]:
     """The validation figures: routing per layer and language, the review curve and the γ trade-off."""
     from moelpr.demo.claims import OLD_TOLERANCE
-    from moelpr.evaluate.report import (SweepPoint, figure_gamma_tradeoff, figure_review_curve,
-                                        figure_router_layers, load_results)
+    from moelpr.evaluate.report import (
+        SweepPoint,
+        figure_gamma_tradeoff,
+        figure_review_curve,
+        figure_router_layers,
+        load_results,
+    )
     from moelpr.utils.atomic import atomic_write_bytes
 
     methods = {m.name: m for m in load_results(out / "results.json")}
@@ -406,23 +579,37 @@ def _figures(out: Path, results: dict) -> list[str]:
 
     refs = {name: avg(results["methods"][name]["validation"]) for name in ("base", "full")}
     sweeps = results["sweeps"]
-    gamma = [SweepPoint(p["gamma"], f"γ={p['gamma']:g}", *avg(p["validation"]),
-                        default=p["gamma"] == sweeps["chosen_gamma"]) for p in sweeps["gamma"]]
-    review = [SweepPoint(p["review_tokens"], f"{p['review_tokens']:,}", *avg(p["validation"]),
-                         default=p["run"] == "moe_lpr") for p in sweeps["review"]]
-    ceilings = {name: [layer["lpr_only"]["mean_p0_old"] for layer in probes]
-                for name, probes in results["probes"].items()}
+    gamma = [
+        SweepPoint(p["gamma"], f"γ={p['gamma']:g}", *avg(p["validation"]), default=p["gamma"] == sweeps["chosen_gamma"])
+        for p in sweeps["gamma"]
+    ]
+    review = [
+        SweepPoint(p["review_tokens"], f"{p['review_tokens']:,}", *avg(p["validation"]), default=p["run"] == "moe_lpr")
+        for p in sweeps["review"]
+    ]
+    ceilings = {
+        name: [layer["lpr_only"]["mean_p0_old"] for layer in probes] for name, probes in results["probes"].items()
+    }
     from moelpr.demo.diagnosis import TRAINS_EMBEDDINGS
     from moelpr.evaluate.report import figure_old_vs_new
 
     test_rows = load_results(out / "results.json")
-    groups = {m.name: "base" if m.name == "base" else "trains embeddings + LM head" if m.name in TRAINS_EMBEDDINGS
-              else "embeddings + LM head frozen" for m in test_rows}
+    groups = {
+        m.name: "base"
+        if m.name == "base"
+        else "trains embeddings + LM head"
+        if m.name in TRAINS_EMBEDDINGS
+        else "embeddings + LM head frozen"
+        for m in test_rows
+    }
     atomic_write_bytes(out / "old_vs_new.png", figure_old_vs_new(test_rows, groups=groups))  # test pages
-    drawn = {"router_expert0_layers.png": figure_router_layers([methods[n] for n in ROUTER_ROWS if n in methods],
-                                                               ceilings=ceilings),
-             "review_curve.png": figure_review_curve(review, refs),
-             "gamma_tradeoff.png": figure_gamma_tradeoff(gamma, refs, tolerance=OLD_TOLERANCE)}
+    drawn = {
+        "router_expert0_layers.png": figure_router_layers(
+            [methods[n] for n in ROUTER_ROWS if n in methods], ceilings=ceilings
+        ),
+        "review_curve.png": figure_review_curve(review, refs),
+        "gamma_tradeoff.png": figure_gamma_tradeoff(gamma, refs, tolerance=OLD_TOLERANCE),
+    }
     for name, png in drawn.items():
         if png is not None:
             atomic_write_bytes(out / name, png)
@@ -443,7 +630,8 @@ def _report(out: Path, results: dict, settings: dict, mix: dict, pretrain: dict,
     sizes = settings["sizes"]
     total = sum(v for step in timing.values() for v in step.values())
     intro = [
-        "# MoE-LPR demo: results", "",
+        "# MoE-LPR demo: results",
+        "",
         f"Old languages: {', '.join(results['languages']['old'])}; new languages: "
         f"{', '.join(results['languages']['new'])}. Base: Llama-style, {sizes['num_layers']} layers × "
         f"{sizes['hidden_size']} wide, vocabulary {sizes['vocab_size']}, context {sizes['cutoff_len']}, pretrained on "
@@ -455,21 +643,28 @@ def _report(out: Path, results: dict, settings: dict, mix: dict, pretrain: dict,
         f"{mix['review_tokens']:,} tokens. Evaluation: the first {sizes['eval_tokens_per_language']:,} tokens per "
         "language of the test pages (the tables below) and of the validation pages (where the settings were chosen; "
         "`results.json` → `methods.<m>.validation`, the sweeps). "
-        f"Time: {total:.0f} s for the steps run in this invocation or earlier ones (timing.json).", "",
+        f"Time: {total:.0f} s for the steps run in this invocation or earlier ones (timing.json).",
+        "",
         f"MoE-LPR's LPR coefficient (also LayerMoE's and the w/o-Expert-Copy row's): γ = "
-        f"{results['sweeps']['chosen_gamma']:g}, {results['sweeps']['gamma_reason']}.", "",
+        f"{results['sweeps']['chosen_gamma']:g}, {results['sweeps']['gamma_reason']}.",
+        "",
         claims_markdown(results["claims"]),
         diagnosis_markdown(results),
         _experts_markdown(results["experts"]),
-        "## Validation figures", "", *[f"![{name}]({name})" for name in figures], "",
+        "## Validation figures",
+        "",
+        *[f"![{name}]({name})" for name in figures],
+        "",
     ]
     atomic_write_text(out / "results.md", "\n".join(intro) + body)
 
 
 # ---- the pipeline ------------------------------------------------------------------------------------------------
 
-def _sweep_points(sizes: DemoSizes, mix: dict, evals: dict[str, dict], sweep_evals: dict[str, dict],
-                  gamma_choice: tuple[float, str]) -> dict:
+
+def _sweep_points(
+    sizes: DemoSizes, mix: dict, evals: dict[str, dict], sweep_evals: dict[str, dict], gamma_choice: tuple[float, str]
+) -> dict:
     """The γ trade-off and the review curve on validation, each point with the run it comes from."""
     from moelpr.demo.data import review_name
 
@@ -477,24 +672,42 @@ def _sweep_points(sizes: DemoSizes, mix: dict, evals: dict[str, dict], sweep_eva
         res = evals[name]["validation"] if name in evals else sweep_evals[name]
         return {k: res[k] for k in ("ppl", "bpb", "avg", "routing") if k in res}
 
-    gamma = [{"gamma": g, "run": "moe_review_no_lpr" if g == 0 else gamma_run(g)}
-             for g in sorted({0.0, *sizes.gamma_grid})]
+    gamma = [
+        {"gamma": g, "run": "moe_review_no_lpr" if g == 0 else gamma_run(g)} for g in sorted({0.0, *sizes.gamma_grid})
+    ]
     review = [{"scale": 0.0, "review_tokens": 0, "replay_tokens": 0, "steps": 0, "run": "moe_stage1"}]
     for scale in sorted(sizes.review_scales):
         stats = mix["reviews"][review_name(scale)]
-        review.append({"scale": scale, "review_tokens": stats["tokens"], "replay_tokens": stats["replay_tokens"],
-                       "steps": stage2_steps(stats["tokens"], sizes),
-                       "run": "moe_lpr" if scale == 1 else review_run(scale)})
+        review.append(
+            {
+                "scale": scale,
+                "review_tokens": stats["tokens"],
+                "replay_tokens": stats["replay_tokens"],
+                "steps": stage2_steps(stats["tokens"], sizes),
+                "run": "moe_lpr" if scale == 1 else review_run(scale),
+            }
+        )
     for point in gamma + review:
         point["validation"] = val(point["run"])
     return {"gamma": gamma, "review": review, "chosen_gamma": gamma_choice[0], "gamma_reason": gamma_choice[1]}
 
 
-def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: str | None = None,
-             validation: str | None = None, heldout: str | None = None, seed: int = 0,
-             languages_old: tuple[str, ...] = DEFAULT_OLD, languages_new: tuple[str, ...] = DEFAULT_NEW,
-             precision: str = "auto", overwrite: bool = False, progress: bool = True,
-             custom_sizes: DemoSizes | None = None, log: Callable[[str], None] = print) -> dict:
+def run_demo(
+    output_dir: str | os.PathLike,
+    *,
+    sizes: str = "default",
+    corpora: str | None = None,
+    validation: str | None = None,
+    heldout: str | None = None,
+    seed: int = 0,
+    languages_old: tuple[str, ...] = DEFAULT_OLD,
+    languages_new: tuple[str, ...] = DEFAULT_NEW,
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    custom_sizes: DemoSizes | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run the demo into `output_dir` and return the combined results (also written as results.json).
 
     Args:
@@ -513,8 +726,9 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
     out = Path(output_dir)
     user_files = {"train": corpora, "validation": validation, "heldout": heldout}
     if any(p is not None for p in user_files.values()) and not all(p is not None for p in user_files.values()):
-        raise UserError("--corpora, --validation and --heldout go together: give the train, validation and test "
-                        "corpora files")
+        raise UserError(
+            "--corpora, --validation and --heldout go together: give the train, validation and test corpora files"
+        )
     if corpora is None:
         from moelpr.demo.corpus import check_languages
 
@@ -524,8 +738,14 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
         langs = _user_languages(user_files)
     preset = "custom" if custom_sizes is not None else sizes
     sizes_ = custom_sizes or preset_sizes(sizes)
-    settings = settings_record(sizes_, preset=preset, seed=seed, precision=resolve_precision(precision, sizes_),
-                               languages=langs, corpora=None if corpora is None else user_files)
+    settings = settings_record(
+        sizes_,
+        preset=preset,
+        seed=seed,
+        precision=resolve_precision(precision, sizes_),
+        languages=langs,
+        corpora=None if corpora is None else user_files,
+    )
     check_or_write_settings(out, settings, overwrite=overwrite)
     timing_file = out / "timing.json"
     timing: dict[str, dict[str, float]] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
@@ -550,23 +770,46 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
     tokenizer = timed("setup", "tokenizer", lambda: _tokenizer(out, pretrain / "base.yaml", langs, sizes_))
     mix = timed("setup", "data", lambda: _mixes(out, pretrain, tokenizer, sizes_))
     plans = _plans(out, sizes_, mix, gamma=None)
-    log(f"[demo] data: base {100 * mix['base_new_token_share']:.1f}% new-language tokens; stage 1 "
+    log(
+        f"[demo] data: base {100 * mix['base_new_token_share']:.1f}% new-language tokens; stage 1 "
         f"{mix['stage1_tokens']:,} new-language tokens; review {mix['review_tokens']:,} tokens (replay "
         f"{mix['replay_tokens']:,} old); stage 2 = {plans['moe_lpr']['steps']} steps; baselines = "
-        f"{plans['full']['steps']} steps")
+        f"{plans['full']['steps']} steps"
+    )
     timed("setup", "base_init", lambda: _init_base(out, tokenizer, sizes_, seed))
 
     def run(name: str, step: str, splits: tuple[str, ...]) -> dict[str, dict]:
-        model_dir = timed(step, "train", lambda: _train(name, plans[name], out, sizes_, seed=seed,
-                                                         precision=settings["precision"], progress=progress))
-        return {split: timed(step, f"eval_{split}", lambda: _evaluate(
-            name, model_dir, split, split_files[split], out, sizes_, precision=settings["precision"], progress=progress))
-            for split in splits}
+        model_dir = timed(
+            step,
+            "train",
+            lambda: _train(
+                name, plans[name], out, sizes_, seed=seed, precision=settings["precision"], progress=progress
+            ),
+        )
+        return {
+            split: timed(
+                step,
+                f"eval_{split}",
+                lambda split=split: _evaluate(
+                    name,
+                    model_dir,
+                    split,
+                    split_files[split],
+                    out,
+                    sizes_,
+                    precision=settings["precision"],
+                    progress=progress,
+                ),
+            )
+            for split in splits
+        }
 
     def sweep(name: str) -> None:
         sweep_evals[name] = run(name, name, ("validation",))["validation"]
-        log(f"[demo] {name:<18} validation old ppl {sweep_evals[name]['avg']['old']['ppl']:8.2f}   "
-            f"new ppl {sweep_evals[name]['avg']['new']['ppl']:8.2f}   {sum(timing[name].values()):6.1f}s")
+        log(
+            f"[demo] {name:<18} validation old ppl {sweep_evals[name]['avg']['old']['ppl']:8.2f}   "
+            f"new ppl {sweep_evals[name]['avg']['new']['ppl']:8.2f}   {sum(timing[name].values()):6.1f}s"
+        )
 
     evals: dict[str, dict] = {}
     sweep_evals: dict[str, dict] = {}
@@ -582,8 +825,13 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
         if name == "layermoe":
             timed(name, "allocate", lambda: _layermoe_allocation(out, sizes_))
         for first in PREREQUISITES.get(name, ()):
-            timed(name, "train_stage1", lambda: _train(first, plans[first], out, sizes_, seed=seed,
-                                                       precision=settings["precision"], progress=progress))
+            timed(
+                name,
+                "train_stage1",
+                lambda first=first, plans=plans: _train(
+                    first, plans[first], out, sizes_, seed=seed, precision=settings["precision"], progress=progress
+                ),
+            )
         if name == "moe_lpr":  # the chosen point of the γ grid is the row: the same model, not trained again
             _copy_model(out / "models" / gamma_run(gamma_choice[0]), out / "models" / name)
         split_results = run(name, name, SPLITS)
@@ -594,14 +842,26 @@ def run_demo(output_dir: str | os.PathLike, *, sizes: str = "default", corpora: 
         sweep(name)
 
     probes = {"moe_lpr": timed("moe_lpr", "probes", lambda: _probes("moe_lpr", out, split_files["validation"], sizes_))}
-    dense_layer = {"moe_lpr": timed("moe_lpr", "dense_layer", lambda: _dense_layer_effects(
-        "moe_lpr", out, split_files["validation"], sizes_, settings["precision"]))}
+    dense_layer = {
+        "moe_lpr": timed(
+            "moe_lpr",
+            "dense_layer",
+            lambda: _dense_layer_effects("moe_lpr", out, split_files["validation"], sizes_, settings["precision"]),
+        )
+    }
     experts = {name: _expert_budget(out / "models" / name) for name in ("moe_lpr", "layermoe")}
-    results = {"languages": langs, "methods": evals, "experts": experts, "probes": probes,
-               "dense_layer": dense_layer,
-               "sweeps": _sweep_points(sizes_, mix, evals, sweep_evals, gamma_choice), "settings": settings,
-               "data": mix,
-               "pretrain": pretrain_stats, "timing": timing}
+    results = {
+        "languages": langs,
+        "methods": evals,
+        "experts": experts,
+        "probes": probes,
+        "dense_layer": dense_layer,
+        "sweeps": _sweep_points(sizes_, mix, evals, sweep_evals, gamma_choice),
+        "settings": settings,
+        "data": mix,
+        "pretrain": pretrain_stats,
+        "timing": timing,
+    }
     _report(out, results, settings, mix, pretrain_stats, timing)
     for claim in results["claims"]:
         verdict = "reproduced" if claim["reproduced"] else "NOT reproduced"

@@ -83,10 +83,26 @@ class DemoSizes:
 
 
 FULL = DemoSizes()
-QUICK = DemoSizes(max_pages_per_language=24, vocab_size=1024, hidden_size=64, num_layers=2, intermediate_size=128,
-                  num_heads=2, cutoff_len=64, batch_size=8, base_steps=40, new_tokens_per_language=4000,
-                  stage1_steps=12, replay_fraction=0.25, stage2_epochs=2, eval_tokens_per_language=400,
-                  similarity_tokens=400, layermoe_budget=5, review_scales=(0.5, 1.0), gamma_grid=(0.3, 1.0))
+QUICK = DemoSizes(
+    max_pages_per_language=24,
+    vocab_size=1024,
+    hidden_size=64,
+    num_layers=2,
+    intermediate_size=128,
+    num_heads=2,
+    cutoff_len=64,
+    batch_size=8,
+    base_steps=40,
+    new_tokens_per_language=4000,
+    stage1_steps=12,
+    replay_fraction=0.25,
+    stage2_epochs=2,
+    eval_tokens_per_language=400,
+    similarity_tokens=400,
+    layermoe_budget=5,
+    review_scales=(0.5, 1.0),
+    gamma_grid=(0.3, 1.0),
+)
 """The CI smoke run: the same pipeline at toy sizes; its numbers show that everything runs, not the paper's claims."""
 LARGE = dataclasses.replace(FULL, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4, auto_bf16=True)
 """About 5x the default's non-embedding parameters: does the gap to the paper shrink with scale? (docs/demo.md)."""
@@ -120,8 +136,15 @@ def preset_sizes(name: str) -> DemoSizes:
     return SIZES[name]
 
 
-def settings_record(sizes: DemoSizes, *, preset: str, seed: int, precision: str, languages: dict[str, list[str]],
-                    corpora: dict[str, str] | None) -> dict[str, Any]:
+def settings_record(
+    sizes: DemoSizes,
+    *,
+    preset: str,
+    seed: int,
+    precision: str,
+    languages: dict[str, list[str]],
+    corpora: dict[str, str] | None,
+) -> dict[str, Any]:
     """What makes a run: compared on every rerun in the same output directory.
 
     Args:
@@ -161,8 +184,9 @@ def check_or_write_settings(out_dir: Path, record: dict[str, Any], *, overwrite:
         diff = _differences(previous, record)
         if diff:
             shown = "; ".join(diff[:3]) + (f"; +{len(diff) - 3} more" if len(diff) > 3 else "")
-            raise UserError(f"{out_dir} holds a demo run made with other settings ({shown}); "
-                            "use another --output or --overwrite")
+            raise UserError(
+                f"{out_dir} holds a demo run made with other settings ({shown}); use another --output or --overwrite"
+            )
         return
     if not path.is_file() and out_dir.is_dir() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} is not empty and holds no demo run ({SETTINGS_FILE} missing); use another --output")

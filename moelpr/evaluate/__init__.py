@@ -13,12 +13,26 @@ import os
 from pathlib import Path
 
 from moelpr.errors import UserError
-from moelpr.evaluate.perplexity import context_length, evaluate_corpora, evaluate_texts, prefix_token_id, rolling_windows
+from moelpr.evaluate.perplexity import (
+    context_length,
+    evaluate_corpora,
+    evaluate_texts,
+    prefix_token_id,
+    rolling_windows,
+)
 from moelpr.evaluate.routing import RoutingSums, routing_sums
 
 __all__ = [
-    "RoutingSums", "context_length", "evaluate_corpora", "evaluate_texts", "load_model_and_tokenizer",
-    "prefix_token_id", "resolve_device", "resolve_dtype", "rolling_windows", "routing_sums",
+    "RoutingSums",
+    "context_length",
+    "evaluate_corpora",
+    "evaluate_texts",
+    "load_model_and_tokenizer",
+    "prefix_token_id",
+    "resolve_device",
+    "resolve_dtype",
+    "rolling_windows",
+    "routing_sums",
 ]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -46,8 +60,9 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
-def load_model_and_tokenizer(model_dir: str | os.PathLike, *, dtype: str | None = None, device: str | None = None,
-                             base_model: str | None = None):
+def load_model_and_tokenizer(
+    model_dir: str | os.PathLike, *, dtype: str | None = None, device: str | None = None, base_model: str | None = None
+):
     """Load a dense or MoE-LPR model directory (`moelpr.load_model`) and its tokenizer, in eval mode.
 
     The tokenizer comes from `model_dir`, else (a small delta checkpoint saved without one) from the

@@ -41,15 +41,33 @@ OLD_LANGUAGES = ("en", "zh", "es")
 NEW_LANGUAGES = ("el", "hu", "tr")
 
 PAPER_BENCHMARKS: dict[str, dict[str, Any]] = {
-    "arc": {"num_fewshot": 25, "metric": "acc_norm",
-            "tasks": {"en": "arc_challenge", "zh": "arc_zh", "es": "arc_es", "hu": "arc_hu"}},
-    "hellaswag": {"num_fewshot": 10, "metric": "acc_norm",
-                  "tasks": {"en": "hellaswag", "es": "hellaswag_es", "hu": "hellaswag_hu"}},
-    "mmlu": {"num_fewshot": 5, "metric": "acc",
-             "tasks": {"en": "mmlu", "zh": "m_mmlu_zh", "es": "m_mmlu_es", "hu": "m_mmlu_hu"}},
-    "belebele": {"num_fewshot": 5, "metric": "acc",
-                 "tasks": {"en": "belebele_eng_Latn", "zh": "belebele_zho_Hans", "es": "belebele_spa_Latn",
-                           "el": "belebele_ell_Grek", "hu": "belebele_hun_Latn", "tr": "belebele_tur_Latn"}},
+    "arc": {
+        "num_fewshot": 25,
+        "metric": "acc_norm",
+        "tasks": {"en": "arc_challenge", "zh": "arc_zh", "es": "arc_es", "hu": "arc_hu"},
+    },
+    "hellaswag": {
+        "num_fewshot": 10,
+        "metric": "acc_norm",
+        "tasks": {"en": "hellaswag", "es": "hellaswag_es", "hu": "hellaswag_hu"},
+    },
+    "mmlu": {
+        "num_fewshot": 5,
+        "metric": "acc",
+        "tasks": {"en": "mmlu", "zh": "m_mmlu_zh", "es": "m_mmlu_es", "hu": "m_mmlu_hu"},
+    },
+    "belebele": {
+        "num_fewshot": 5,
+        "metric": "acc",
+        "tasks": {
+            "en": "belebele_eng_Latn",
+            "zh": "belebele_zho_Hans",
+            "es": "belebele_spa_Latn",
+            "el": "belebele_ell_Grek",
+            "hu": "belebele_hun_Latn",
+            "tr": "belebele_tur_Latn",
+        },
+    },
 }
 """Benchmark → shots, the metric the papers report, and language → lm-eval task (Okapi where translated).
 Mirrored by the group YAMLs `moelpr_<benchmark>_{old,new}.yaml`."""
@@ -101,6 +119,7 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict:
     that role's languages present in `results`; `avg[role]["all"]` the mean of those benchmark means (the
     papers' "Original"/"Expanded" columns, here over the languages lm-eval covers).
     """
+
     def table(mapping: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for bench, by_lang in mapping.items():
@@ -122,8 +141,12 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict:
         if means:
             means["all"] = sum(means.values()) / len(means)
         avg[role] = means
-    return {"scores": scores, "avg": avg, "substitutes": table(SUBSTITUTES),
-            "metrics": {b: spec["metric"] for b, spec in PAPER_BENCHMARKS.items()}}
+    return {
+        "scores": scores,
+        "avg": avg,
+        "substitutes": table(SUBSTITUTES),
+        "metrics": {b: spec["metric"] for b, spec in PAPER_BENCHMARKS.items()},
+    }
 
 
 def run_benchmark(
@@ -162,27 +185,43 @@ def run_benchmark(
     if not Path(model_dir).is_dir():
         raise UserError(f"model directory {model_dir} does not exist; pass --model DIR written by save_pretrained")
     if (Path(model_dir) / DELTA_META).is_file():
-        raise UserError(f"{model_dir} is a delta checkpoint, which stock lm-eval cannot load (it needs moelpr to find "
-                        "its base); write a full one with `moe-lpr export --model DIR --format hf --output FULL`")
+        raise UserError(
+            f"{model_dir} is a delta checkpoint, which stock lm-eval cannot load (it needs moelpr to find "
+            "its base); write a full one with `moe-lpr export --model DIR --format hf --output FULL`"
+        )
     for path in include_paths:
         if not Path(path).is_dir():
             raise UserError(f"--include-path {path} is not a directory of task YAML files")
     manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=include_defaults)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}; list them with `lm_eval ls tasks` "
-                        "or add their YAML directory with --include-path")
+        raise UserError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}; list them with `lm_eval ls tasks` "
+            "or add their YAML directory with --include-path"
+        )
     model_args = {"pretrained": str(Path(model_dir).resolve()), "trust_remote_code": True, "dtype": dtype}
-    out = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), task_manager=manager, limit=limit,
-                          num_fewshot=num_fewshot, batch_size=batch_size, device=resolve_device(device),
-                          log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+    out = simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=resolve_device(device),
+        log_samples=log_samples,
+        bootstrap_iters=bootstrap_iters,
+    )
     record = {
         "model": str(model_dir),
         "tasks": list(tasks),
         "limit": limit,
         "num_fewshot": num_fewshot,
-        **{key: out[key] for key in ("results", "groups", "group_subtasks", "n-shot", "versions", "config", "samples")
-           if key in out},
+        **{
+            key: out[key]
+            for key in ("results", "groups", "group_subtasks", "n-shot", "versions", "config", "samples")
+            if key in out
+        },
         "summary": summarize(out["results"]),
     }
     return json.loads(json.dumps(record, default=handle_non_serializable))

@@ -116,8 +116,9 @@ def _moe_info(model) -> tuple[list[int], int] | None:
 
 
 @torch.inference_mode()
-def _score_batch(model, windows: Sequence[_Window], pad_id: int, top_k: int | None,
-                 precision: str) -> tuple[float, RoutingSums]:
+def _score_batch(
+    model, windows: Sequence[_Window], pad_id: int, top_k: int | None, precision: str
+) -> tuple[float, RoutingSums]:
     """Summed nll (nats) of the scored predictions of `windows`, and routing sums when `top_k` is given."""
     device = next(model.parameters()).device
     width = max(len(w.seq) - 1 for w in windows)
@@ -156,7 +157,9 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 def _truncate(tokenizer, text: str, ids: list[int], keep: int) -> tuple[list[int], int]:
     """The first `keep` tokens of a document and the UTF-8 bytes of the text they cover."""
     if getattr(tokenizer, "is_fast", False):
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+            "offset_mapping"
+        ]
         return ids[:keep], len(text[: offsets[keep - 1][1]].encode("utf-8"))
     return ids[:keep], len(tokenizer.decode(ids[:keep]).encode("utf-8"))
 
@@ -170,19 +173,23 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 class _Scorer:
     """Turns one language's documents into windows and scores them in length-sorted batches."""
 
-    def __init__(self, model, tokenizer, *, prefix: int | None, max_len: int, batch_size: int, top_k: int | None,
-                 precision: str):
+    def __init__(
+        self, model, tokenizer, *, prefix: int | None, max_len: int, batch_size: int, top_k: int | None, precision: str
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.prefix, self.max_len, self.batch_size, self.top_k = prefix, max_len, batch_size, top_k
         self.precision = precision
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (prefix or 0)
 
-    def language(self, docs: Iterable[str], *, max_docs: int | None, max_tokens: int | None,
-                 on_scored: Callable[[int], object]) -> _LanguageTotals:
+    def language(
+        self, docs: Iterable[str], *, max_docs: int | None, max_tokens: int | None, on_scored: Callable[[int], object]
+    ) -> _LanguageTotals:
         acc, buffer = _LanguageTotals(), []
 
         def full() -> bool:
-            return (max_docs is not None and acc.docs >= max_docs) or (max_tokens is not None and acc.tokens >= max_tokens)
+            return (max_docs is not None and acc.docs >= max_docs) or (
+                max_tokens is not None and acc.tokens >= max_tokens
+            )
 
         for chunk in _chunks((d for d in docs if d.strip()), 64):  # whitespace-only documents are no text
             chunk = chunk[: max_docs - acc.docs] if max_docs is not None else chunk
@@ -244,8 +251,12 @@ def evaluate_texts(
     bad = {lang: role for lang, role in roles.items() if role not in _ROLES}
     if bad:
         raise UserError(f"role must be 'old' or 'new', got {bad}")
-    for name, value in (("batch_size", batch_size), ("max_docs", max_docs), ("max_tokens", max_tokens),
-                        ("context_len", context_len)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("max_docs", max_docs),
+        ("max_tokens", max_tokens),
+        ("context_len", context_len),
+    ):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if precision not in PRECISIONS:
@@ -257,8 +268,9 @@ def evaluate_texts(
     was_training = model.training
     model.eval()
 
-    scorer = _Scorer(model, tokenizer, prefix=prefix, max_len=max_len, batch_size=batch_size, top_k=top_k,
-                     precision=precision)
+    scorer = _Scorer(
+        model, tokenizer, prefix=prefix, max_len=max_len, batch_size=batch_size, top_k=top_k, precision=precision
+    )
     totals: dict[str, _LanguageTotals] = {}
     try:
         for lang, docs in texts.items():
@@ -271,8 +283,9 @@ def evaluate_texts(
     return {**_results(totals, roles, max_len, moe), "precision": precision}
 
 
-def _results(totals: Mapping[str, _LanguageTotals], roles: Mapping[str, str], max_len: int,
-             moe: tuple[list[int], int] | None) -> dict:
+def _results(
+    totals: Mapping[str, _LanguageTotals], roles: Mapping[str, str], max_len: int, moe: tuple[list[int], int] | None
+) -> dict:
     ppl = {lang: math.exp(t.nll / t.tokens) for lang, t in totals.items()}
     bpb = {lang: t.nll / (math.log(2) * t.bytes) for lang, t in totals.items()}
     languages = {role: [lang for lang in totals if roles[lang] == role] for role in _ROLES}
@@ -341,5 +354,15 @@ def evaluate_corpora(
     if not by_language:
         raise UserError("the corpora list is empty; give at least one corpus with held-out text")
     texts = {lang: chain.from_iterable(iter_documents(c) for c in group) for lang, group in by_language.items()}
-    return evaluate_texts(model, tokenizer, texts, roles, batch_size=batch_size, max_docs=max_docs,
-                          max_tokens=max_tokens, context_len=context_len, progress=progress, precision=precision)
+    return evaluate_texts(
+        model,
+        tokenizer,
+        texts,
+        roles,
+        batch_size=batch_size,
+        max_docs=max_docs,
+        max_tokens=max_tokens,
+        context_len=context_len,
+        progress=progress,
+        precision=precision,
+    )

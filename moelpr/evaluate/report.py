@@ -60,7 +60,9 @@ def _require(obj: Mapping, key: str, where: str, kind: type | tuple = dict):
         raise UserError(f"{where}: missing key {key!r}; expected `moe-lpr eval` results or a demo results.json")
     value = obj[key]
     if not isinstance(value, kind):
-        raise UserError(f"{where}: key {key!r} should be a {getattr(kind, '__name__', 'mapping')}, got {type(value).__name__}")
+        raise UserError(
+            f"{where}: key {key!r} should be a {getattr(kind, '__name__', 'mapping')}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -71,7 +73,7 @@ def _method(name: str, obj: Mapping, where: str, languages: Mapping | None) -> M
     if not langs:
         _require(obj, "languages", where)
     if not isinstance(langs, Mapping) or not all(isinstance(langs.get(r, []), list) for r in ROLES):
-        raise UserError(f"{where}: key 'languages' should be {{\"old\": [...], \"new\": [...]}}")
+        raise UserError(f'{where}: key \'languages\' should be {{"old": [...], "new": [...]}}')
     for metric, values in (("ppl", ppl), ("bpb", bpb)):
         bad = [k for k, v in values.items() if not isinstance(v, (int, float))]
         if bad:
@@ -82,9 +84,15 @@ def _method(name: str, obj: Mapping, where: str, languages: Mapping | None) -> M
     routing = obj.get("routing") or {}
     for lang, stats in routing.items():
         _require(stats, "mean_prob", f"{where} routing[{lang!r}]", list)
-    return MethodResult(name=str(name), ppl=dict(ppl), bpb=dict(bpb),
-                        languages={r: list(langs.get(r, [])) for r in ROLES}, routing=dict(routing),
-                        review_docs=review, source=where)
+    return MethodResult(
+        name=str(name),
+        ppl=dict(ppl),
+        bpb=dict(bpb),
+        languages={r: list(langs.get(r, [])) for r in ROLES},
+        routing=dict(routing),
+        review_docs=review,
+        source=where,
+    )
 
 
 def load_results(path: str | os.PathLike) -> list[MethodResult]:
@@ -146,16 +154,25 @@ def _metric_table(methods: Sequence[MethodResult], base: MethodResult, metric: s
 def markdown(methods: Sequence[MethodResult], figures: Sequence[str] = ()) -> str:
     """The report page: metric tables, routing and review-data tables, links to the figures."""
     base = next((m for m in methods if m.name == "base"), methods[0])
-    out = ["# Evaluation results", "",
-           f"Held-out perplexity and bits per byte per language: lower is better. Averages are the mean over a "
-           f"role's languages; Δ is the change of that average against `{base.name}` (negative = better).", ""]
+    out = [
+        "# Evaluation results",
+        "",
+        f"Held-out perplexity and bits per byte per language: lower is better. Averages are the mean over a "
+        f"role's languages; Δ is the change of that average against `{base.name}` (negative = better).",
+        "",
+    ]
     for title, metric, digits in (("Perplexity", "ppl", 2), ("Bits per byte", "bpb", 4)):
         out += [f"## {title}", "", *_metric_table(methods, base, metric, digits), ""]
     moe = [m for m in methods if m.routing]
     if moe:
-        out += ["## Routing", "",
-                "Router probability of the frozen expert 0 (the original FFN), mean over MoE layers and tokens.", "",
-                "| method | old languages | new languages |", "|---|---|---|"]
+        out += [
+            "## Routing",
+            "",
+            "Router probability of the frozen expert 0 (the original FFN), mean over MoE layers and tokens.",
+            "",
+            "| method | old languages | new languages |",
+            "|---|---|---|",
+        ]
         for m in moe:
             cells = [(sum(p) / len(p)) if (p := m.expert0_prob(role)) else None for role in ROLES]
             out.append(f"| {m.name} | {_fmt(cells[0], 3)} | {_fmt(cells[1], 3)} |")
@@ -163,8 +180,11 @@ def markdown(methods: Sequence[MethodResult], figures: Sequence[str] = ()) -> st
     runs = sorted((m for m in methods if m.review_docs is not None), key=lambda m: m.review_docs)
     if len(runs) >= 2:
         out += ["## Review data", "", "| method | review docs | old avg bpb | new avg bpb |", "|---|---|---|---|"]
-        out += [f"| {m.name} | {m.review_docs:g} | {_fmt(m.average('bpb', 'old'), 4)} | "
-                f"{_fmt(m.average('bpb', 'new'), 4)} |" for m in runs]
+        out += [
+            f"| {m.name} | {m.review_docs:g} | {_fmt(m.average('bpb', 'old'), 4)} | "
+            f"{_fmt(m.average('bpb', 'new'), 4)} |"
+            for m in runs
+        ]
         out.append("")
     if figures:
         out += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
@@ -200,8 +220,13 @@ def _place_labels(fig, ax, points: Mapping[tuple[float, float], list[str]]) -> N
             step = box.height * 72 / fig.dpi
             text.xyann = (text.xyann[0] + 4, text.xyann[1] - step)
         if text.xyann != (6, 5):
-            ax.annotate("", (x, y), xytext=text.xyann, textcoords="offset points",
-                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
+            ax.annotate(
+                "",
+                (x, y),
+                xytext=text.xyann,
+                textcoords="offset points",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6},
+            )
         placed.append(text.get_window_extent(renderer))
 
 
@@ -239,8 +264,15 @@ def figure_old_vs_new(methods: Sequence[MethodResult], groups: Mapping[str, str]
         ax.legend(fontsize=8, loc="upper right")
     ax.margins(0.25)
     _place_labels(fig, ax, points)
-    ax.annotate("better", xy=(0.04, 0.04), xytext=(0.2, 0.2), xycoords="axes fraction", fontsize=9, color="0.35",
-                arrowprops={"arrowstyle": "->", "color": "0.5"})
+    ax.annotate(
+        "better",
+        xy=(0.04, 0.04),
+        xytext=(0.2, 0.2),
+        xycoords="axes fraction",
+        fontsize=9,
+        color="0.35",
+        arrowprops={"arrowstyle": "->", "color": "0.5"},
+    )
     ax.set_xlabel("new languages: mean bits per byte (lower is better)")
     ax.set_ylabel("old languages: mean bits per byte (lower is better)")
     ax.set_title(f"Learning new languages vs keeping old ones (dashed: {base.name})", fontsize=11)
@@ -300,8 +332,9 @@ def figure_review_data(methods: Sequence[MethodResult]) -> bytes | None:
     return data
 
 
-def figure_router_layers(methods: Sequence[MethodResult],
-                         ceilings: Mapping[str, Sequence[float]] | None = None) -> bytes | None:
+def figure_router_layers(
+    methods: Sequence[MethodResult], ceilings: Mapping[str, Sequence[float]] | None = None
+) -> bytes | None:
     """Figure 3 extended: expert 0's router probability per MoE layer and per language, one panel per method.
 
     Old languages solid (circles), new dashed (triangles), one colour per language in every panel; the mean
@@ -321,30 +354,52 @@ def figure_router_layers(methods: Sequence[MethodResult],
     colors = dict(zip(langs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
     cols = min(len(series), 2)
     rows = math.ceil(len(series) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1.4, 3.2 * rows + 0.4), sharey=True, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols + 1.4, 3.2 * rows + 0.4), sharey=True, squeeze=False, layout="constrained"
+    )
     for ax, m in zip(axes.flat, series):
         layers = m.routing_layers()
         for role, style, marker in (("old", "-", "o"), ("new", "--", "^")):
             for lang in m.languages[role]:
                 if lang in m.routing:
                     probs = [row[0] for row in m.routing[lang]["mean_prob"]]
-                    ax.plot(layers[: len(probs)], probs, style, marker=marker, ms=4, color=colors[lang],
-                            label=f"{lang} ({role})")
+                    ax.plot(
+                        layers[: len(probs)],
+                        probs,
+                        style,
+                        marker=marker,
+                        ms=4,
+                        color=colors[lang],
+                        label=f"{lang} ({role})",
+                    )
         ceiling = (ceilings or {}).get(m.name)
         if ceiling:
-            ax.plot(layers[: len(ceiling)], ceiling, ":", color="black", lw=1.5,
-                    label="ceiling: best bias-free linear router (old tokens)")
+            ax.plot(
+                layers[: len(ceiling)],
+                ceiling,
+                ":",
+                color="black",
+                lw=1.5,
+                label="ceiling: best bias-free linear router (old tokens)",
+            )
         old = m.expert0_prob("old")
         for layer, value in zip(layers, old or []):
-            ax.annotate(f"{value:.2f}", (layer, value), textcoords="offset points", xytext=(0, 7), ha="center",
-                        fontsize=8, fontweight="bold", bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+            ax.annotate(
+                f"{value:.2f}",
+                (layer, value),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=8,
+                fontweight="bold",
+                bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+            )
         ax.set_title(m.name, fontsize=10)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1.08)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(series):]:
+    for ax in axes.flat[len(series) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("router probability of expert 0\n(the frozen original FFN)")
@@ -352,8 +407,11 @@ def figure_router_layers(methods: Sequence[MethodResult],
     for ax in axes.flat:
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
     fig.legend(list(legend.values()), list(legend), loc="outside right center", fontsize=8)
-    fig.suptitle("Routing to the original expert per layer: old (solid) vs new (dashed) languages\n"
-                 "numbers: mean over the old languages (validation pages)", fontsize=10)
+    fig.suptitle(
+        "Routing to the original expert per layer: old (solid) vs new (dashed) languages\n"
+        "numbers: mean over the old languages (validation pages)",
+        fontsize=10,
+    )
     data = _png(fig)
     plt.close(fig)
     return data
@@ -373,8 +431,9 @@ class SweepPoint:
 def _sweep_refs(ax, refs: Mapping[str, tuple[float, float]], index: int) -> None:
     """Horizontal reference lines (the base dashed, others dotted), named in the legend with their values."""
     for name, values in refs.items():
-        ax.axhline(values[index], color="0.4", ls="--" if name == "base" else ":", lw=1.0,
-                   label=f"{name}: {values[index]:.2f}")
+        ax.axhline(
+            values[index], color="0.4", ls="--" if name == "base" else ":", lw=1.0, label=f"{name}: {values[index]:.2f}"
+        )
 
 
 def figure_review_curve(points: Sequence[SweepPoint], refs: Mapping[str, tuple[float, float]]) -> bytes | None:
@@ -389,13 +448,22 @@ def figure_review_curve(points: Sequence[SweepPoint], refs: Mapping[str, tuple[f
     pts = sorted(points, key=lambda p: p.x)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True, layout="constrained")
-    for ax, index, attr, title in ((axes[0], 0, "old_ppl", "old languages: mean perplexity"),
-                                   (axes[1], 1, "new_bpb", "new languages: mean bits per byte")):
+    for ax, index, attr, title in (
+        (axes[0], 0, "old_ppl", "old languages: mean perplexity"),
+        (axes[1], 1, "new_bpb", "new languages: mean bits per byte"),
+    ):
         ys = [getattr(p, attr) for p in pts]
         ax.plot([p.x for p in pts], ys, marker="o", color="C0")
         for p, y in zip(pts, ys):
-            ax.annotate(f"{y:.2f}" if attr == "new_bpb" else f"{y:.1f}", (p.x, y), textcoords="offset points",
-                        xytext=(0, 7), ha="center", fontsize=8, fontweight="bold" if p.default else "normal")
+            ax.annotate(
+                f"{y:.2f}" if attr == "new_bpb" else f"{y:.1f}",
+                (p.x, y),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=8,
+                fontweight="bold" if p.default else "normal",
+            )
             if p.default:
                 ax.scatter([p.x], [y], s=140, facecolors="none", edgecolors="C3", zorder=4, label="the default")
         _sweep_refs(ax, refs, index)
@@ -409,8 +477,9 @@ def figure_review_curve(points: Sequence[SweepPoint], refs: Mapping[str, tuple[f
     return data
 
 
-def figure_gamma_tradeoff(points: Sequence[SweepPoint], refs: Mapping[str, tuple[float, float]],
-                          tolerance: float = 0.05) -> bytes | None:
+def figure_gamma_tradeoff(
+    points: Sequence[SweepPoint], refs: Mapping[str, tuple[float, float]], tolerance: float = 0.05
+) -> bytes | None:
     """The γ trade-off: old-language perplexity change against the base vs new-language bits per byte, per γ.
 
     Args:
@@ -433,16 +502,29 @@ def figure_gamma_tradeoff(points: Sequence[SweepPoint], refs: Mapping[str, tuple
     ax.plot([p.new_bpb for p in pts], change, marker="o", color="C0", label="MoE-LPR stage 2, γ varied")
     for p, y in zip(pts, change):
         if p.default:
-            ax.scatter([p.new_bpb], [y], s=140, facecolors="none", edgecolors="C3", zorder=4,
-                       label="the γ chosen on validation")
+            ax.scatter(
+                [p.new_bpb],
+                [y],
+                s=140,
+                facecolors="none",
+                edgecolors="C3",
+                zorder=4,
+                label="the γ chosen on validation",
+            )
     for i, (name, (old, bpb)) in enumerate(refs.items()):
         y = 100 * (old - base_old) / base_old
         label = f"{name} ({y:+.1f}%, {bpb:.2f} bpb)"
         inside = xlim[0] <= bpb <= xlim[1] and ylim[0] <= y <= ylim[1]
         if not inside:  # far references (full fine-tuning) would squash the curve: an arrow at the edge instead
             edge = (min(max(bpb, xlim[0]), xlim[1]), min(max(y, ylim[0]), ylim[1]))
-            ax.annotate(f"{label}, off the chart", edge, xytext=(0.5 * (edge[0] + xlim[1]), 0.9 * ylim[1]),
-                        fontsize=8, color=f"C{i + 4}", arrowprops={"arrowstyle": "->", "color": f"C{i + 4}"})
+            ax.annotate(
+                f"{label}, off the chart",
+                edge,
+                xytext=(0.5 * (edge[0] + xlim[1]), 0.9 * ylim[1]),
+                fontsize=8,
+                color=f"C{i + 4}",
+                arrowprops={"arrowstyle": "->", "color": f"C{i + 4}"},
+            )
             label += " (off the chart)"
         ax.scatter([bpb], [y], marker="s", color=f"C{i + 4}", zorder=3, label=label)
     ax.set_xlim(*xlim)
@@ -475,8 +557,11 @@ def render_report(results: Sequence[str | os.PathLike | MethodResult], output_di
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a directory")
-    drawn = {"old_vs_new.png": figure_old_vs_new(methods), "router_expert0.png": figure_router_expert0(methods),
-             "review_data.png": figure_review_data(methods)}
+    drawn = {
+        "old_vs_new.png": figure_old_vs_new(methods),
+        "router_expert0.png": figure_router_expert0(methods),
+        "review_data.png": figure_review_data(methods),
+    }
     written = []
     for name, png in drawn.items():
         if png is None:

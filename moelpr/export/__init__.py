@@ -21,8 +21,15 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-8}
 TOLERANCE_16BIT = 5e-2
 
 
-def export_model(model, output: str | os.PathLike, *, format: str = "hf", overwrite: bool = False,
-                 source_dir: str | os.PathLike | None = None, verify: bool = True) -> Path:
+def export_model(
+    model,
+    output: str | os.PathLike,
+    *,
+    format: str = "hf",
+    overwrite: bool = False,
+    source_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+) -> Path:
     """Write `model` (a `MoELPRForCausalLM`) to `output` atomically.
 
     Args:
@@ -43,8 +50,10 @@ def export_model(model, output: str | os.PathLike, *, format: str = "hf", overwr
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
     if not isinstance(model, MoELPRForCausalLM):
-        raise UserError(f"{type(model).__name__} is not an MoE-LPR model; export takes an upcycled model "
-                        "(a dense model needs no export: use its directory as it is)")
+        raise UserError(
+            f"{type(model).__name__} is not an MoE-LPR model; export takes an upcycled model "
+            "(a dense model needs no export: use its directory as it is)"
+        )
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"output {out} exists and is not an empty directory; pass --overwrite or choose another")
@@ -58,8 +67,10 @@ def export_model(model, output: str | os.PathLike, *, format: str = "hf", overwr
             diff = native.max_logit_difference(model, target)
             dtype = str(model.dtype).removeprefix("torch.")
             if not diff <= TOLERANCE.get(dtype, TOLERANCE_16BIT):
-                raise UserError(f"cannot export to {format}: the converted model's logits differ from ours by {diff:.3g} "
-                                "(please report this); nothing was written")
+                raise UserError(
+                    f"cannot export to {format}: the converted model's logits differ from ours by {diff:.3g} "
+                    "(please report this); nothing was written"
+                )
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         (model if target is None else target).save_pretrained(tmp)
         copy_aux_files(Path(source_dir) if source_dir else None, tmp)

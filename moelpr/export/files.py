@@ -7,8 +7,17 @@ from pathlib import Path
 
 # glob patterns of the files `AutoTokenizer.save_pretrained` and `GenerationConfig.save_pretrained` write
 AUX_FILE_PATTERNS = (
-    "tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "tokenizer*.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
 
 

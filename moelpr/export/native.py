@@ -23,9 +23,23 @@ from moelpr.model.layer import MoEBlock
 
 # fields copied verbatim from the base config when present (rope, eps, sliding window, tying, special ids)
 COMMON_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "attention_dropout",
-    "initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "attention_dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
 )
 
 
@@ -43,13 +57,33 @@ class NativeFormat:
 
 
 FORMATS: dict[str, NativeFormat] = {
-    "mixtral": NativeFormat("MixtralConfig", "MixtralForCausalLM", ("llama", "mistral"), dense_layers=False,
-                            always_renormalises=True, shared_expert=False, extra_fields=("sliding_window",)),
-    "qwen3_moe": NativeFormat("Qwen3MoeConfig", "Qwen3MoeForCausalLM", ("qwen3",), dense_layers=True,
-                              always_renormalises=False, shared_expert=False, extra_fields=("attention_bias",)),
-    "qwen2_moe": NativeFormat("Qwen2MoeConfig", "Qwen2MoeForCausalLM", ("qwen2",), dense_layers=True,
-                              always_renormalises=False, shared_expert=True,
-                              extra_fields=("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")),
+    "mixtral": NativeFormat(
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        ("llama", "mistral"),
+        dense_layers=False,
+        always_renormalises=True,
+        shared_expert=False,
+        extra_fields=("sliding_window",),
+    ),
+    "qwen3_moe": NativeFormat(
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        ("qwen3",),
+        dense_layers=True,
+        always_renormalises=False,
+        shared_expert=False,
+        extra_fields=("attention_bias",),
+    ),
+    "qwen2_moe": NativeFormat(
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        ("qwen2",),
+        dense_layers=True,
+        always_renormalises=False,
+        shared_expert=True,
+        extra_fields=("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
+    ),
 }
 
 
@@ -77,7 +111,9 @@ def _describe_counts(counts: dict[int, int]) -> str:
                 runs.append(str(start) if start == prev else f"{start}-{prev}")
                 start = cur
         many = len(layers) > 1
-        parts.append(f"layer{'s' if many else ''} {', '.join(runs)} ha{'ve' if many else 's'} {n} expert{'s' if n != 1 else ''}")
+        parts.append(
+            f"layer{'s' if many else ''} {', '.join(runs)} ha{'ve' if many else 's'} {n} expert{'s' if n != 1 else ''}"
+        )
     return ", ".join(parts)
 
 
@@ -98,7 +134,9 @@ def unsupported_reasons(model, fmt: str) -> list[str]:
         if fmt == "qwen3_moe" and getattr(base, "use_sliding_window", False):
             types = set(getattr(base, "layer_types", None) or [])
             if types != {"sliding_attention"}:
-                reasons.append("the base mixes sliding-window and full-attention layers; Qwen3MoE applies one window to all")
+                reasons.append(
+                    "the base mixes sliding-window and full-attention layers; Qwen3MoE applies one window to all"
+                )
     counts, inter = _expert_sizes(model)
     moe_counts = {i: n for i, n in enumerate(counts) if n > 1}
     if spec.dense_layers:
@@ -110,8 +148,10 @@ def unsupported_reasons(model, fmt: str) -> list[str]:
         reasons.append(f"MLP intermediate sizes differ across layers ({inter})")
     k = cfg.num_experts_per_tok
     if spec.always_renormalises and k == 1:
-        reasons.append(f"top_k=1 ({spec.model_class.removesuffix('ForCausalLM')} renormalises the top-k weights; "
-                       "ours scale by the raw probability)")
+        reasons.append(
+            f"top_k=1 ({spec.model_class.removesuffix('ForCausalLM')} renormalises the top-k weights; "
+            "ours scale by the raw probability)"
+        )
     return reasons
 
 
@@ -129,9 +169,14 @@ def native_config(model, fmt: str):
         fields.update(intermediate_size=inter[0], num_local_experts=experts, router_jitter_noise=0.0)
         fields.setdefault("sliding_window", None)  # Llama has none
     else:
-        fields.update(intermediate_size=inter[0], moe_intermediate_size=inter[0], num_experts=experts,
-                      decoder_sparse_step=1, norm_topk_prob=k > 1,
-                      mlp_only_layers=[i for i, n in enumerate(counts) if n == 1])
+        fields.update(
+            intermediate_size=inter[0],
+            moe_intermediate_size=inter[0],
+            num_experts=experts,
+            decoder_sparse_step=1,
+            norm_topk_prob=k > 1,
+            mlp_only_layers=[i for i, n in enumerate(counts) if n == 1],
+        )
     if fmt == "qwen3_moe":
         window = getattr(base, "sliding_window", None) if getattr(base, "use_sliding_window", False) else None
         fields.update(use_sliding_window=window is not None, sliding_window=window)

@@ -27,5 +27,14 @@ def register() -> None:
         pass
 
 
-__all__ = ["CACHE_ARG", "DELTA_META", "MoEBlock", "MoELPRConfig", "MoELPRForCausalLM", "MoELPROutput",
-           "StackedExperts", "UserError", "register"]
+__all__ = [
+    "CACHE_ARG",
+    "DELTA_META",
+    "MoEBlock",
+    "MoELPRConfig",
+    "MoELPRForCausalLM",
+    "MoELPROutput",
+    "StackedExperts",
+    "UserError",
+    "register",
+]

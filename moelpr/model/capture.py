@@ -33,12 +33,16 @@ def _capture(blocks: list[MoEBlock], attribute: str) -> Iterator[list[torch.Tens
             setattr(block, attribute, None)
 
 
-def capture_router_logits(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+def capture_router_logits(
+    model: nn.Module, enabled: bool = True
+) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
     """Yield a list that receives each MoE layer's router logits for the forward passes run inside."""
     return _capture(moe_blocks(model) if enabled else [], "sink")
 
 
-def capture_classifier_logits(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+def capture_classifier_logits(
+    model: nn.Module, enabled: bool = True
+) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
     """Yield a list that receives each classifier layer's logits for the forward passes run inside."""
     blocks = [b for b in moe_blocks(model) if b.classifier is not None] if enabled else []
     return _capture(blocks, "classifier_sink")

@@ -56,8 +56,9 @@ def expert_limits(group_sizes: list[int], num_classes: int) -> list[int]:
     return limits
 
 
-def group_labels(lang_group: torch.Tensor, attention_mask: torch.Tensor | None, num_classes: int,
-                 pooling: str) -> torch.Tensor:
+def group_labels(
+    lang_group: torch.Tensor, attention_mask: torch.Tensor | None, num_classes: int, pooling: str
+) -> torch.Tensor:
     """Classifier targets from per-token language groups `(B, S)`: groups ≥ the last class fold into it.
 
     Sequence pooling takes each sequence's most frequent group among its real tokens; token pooling

@@ -76,8 +76,10 @@ class MoELPRConfig(PreTrainedConfig):
             self.expert_groups = [[n - 1 for n in self.experts_per_layer]]
         totals = [1 + sum(group[i] for group in self.expert_groups) for i in range(layers)]
         if len(self.experts_per_layer) != layers or totals != list(self.experts_per_layer):
-            raise UserError(f"experts_per_layer {self.experts_per_layer} does not match the model's {layers} layers "
-                            f"and expert_groups {self.expert_groups}")
+            raise UserError(
+                f"experts_per_layer {self.experts_per_layer} does not match the model's {layers} layers "
+                f"and expert_groups {self.expert_groups}"
+            )
         if self.balance_loss_form not in ("mixtral", "paper"):
             raise UserError(f"balance_loss_form must be 'mixtral' or 'paper', got {self.balance_loss_form!r}")
         if self.lpr_loss_form not in ("paper", "official"):
@@ -90,8 +92,11 @@ class MoELPRConfig(PreTrainedConfig):
         if self.loramoe is not None:
             spec = self.loramoe
             if set(spec) != {"experts", "rank", "alpha"} or any(
-                    isinstance(spec[k], bool) or not isinstance(spec[k], (int, float)) or spec[k] <= 0 for k in spec):
-                raise UserError(f"loramoe must be {{experts: E, rank: r, alpha: a}} with positive numbers, got {spec!r}")
+                isinstance(spec[k], bool) or not isinstance(spec[k], (int, float)) or spec[k] <= 0 for k in spec
+            ):
+                raise UserError(
+                    f"loramoe must be {{experts: E, rank: r, alpha: a}} with positive numbers, got {spec!r}"
+                )
             if self.moe_layers:
                 raise UserError("loramoe is a baseline on the dense layers; it does not combine with upcycled experts")
 

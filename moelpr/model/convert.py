@@ -20,9 +20,15 @@ EXPERT_INITS = ("copy", "random")
 freshly initialised (Table 2's "w/o Expert-Copy" ablation)."""
 
 
-def convert_layers(lm: nn.Module, expert_groups: Sequence[Sequence[int]], top_k: int,
-                   classifier_layers: Sequence[int] = (), classifier_groups: int = 2,
-                   classifier_pooling: str = "sequence", expert_init: str = "copy") -> None:
+def convert_layers(
+    lm: nn.Module,
+    expert_groups: Sequence[Sequence[int]],
+    top_k: int,
+    classifier_layers: Sequence[int] = (),
+    classifier_groups: int = 2,
+    classifier_pooling: str = "sequence",
+    expert_init: str = "copy",
+) -> None:
     """Replace `layer.mlp` by an `MoEBlock` wherever a layer gets new experts.
 
     Args:
@@ -59,4 +65,6 @@ def attach_classifiers(lm: nn.Module, layers: Sequence[int], num_classes: int, p
         block = blocks[idx].mlp
         like = block.routers[0].weight
         limits = expert_limits([group.num_experts for group in block.experts], num_classes)
-        block.classifier = LanguageClassifier(hidden_size=like.shape[1], expert_limits=limits, pooling=pooling, like=like)
+        block.classifier = LanguageClassifier(
+            hidden_size=like.shape[1], expert_limits=limits, pooling=pooling, like=like
+        )

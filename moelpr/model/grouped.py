@@ -70,8 +70,15 @@ def use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type != "cpu" and grouped_mm_available(x, weight)
 
 
-def grouped_mlps(xs: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
-                 gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, act_fn: nn.Module) -> torch.Tensor:
+def grouped_mlps(
+    xs: torch.Tensor,
+    counts: list[int],
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    act_fn: nn.Module,
+) -> torch.Tensor:
     """Gated MLPs, one `grouped_mm` per projection: rows `(M, H)` sorted by expert → outputs `(M, H)`.
 
     `counts[e]` rows belong to expert e; `gate_up` `(E, 2I, H)` rows [gate; up], `down` `(E, H, I)`, biases

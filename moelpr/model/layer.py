@@ -28,9 +28,18 @@ from .looped import add_looped
 class StackedExperts(nn.Module):
     """`num_experts` gated MLPs with stacked weights: gate_up `(E, 2I, H)` rows [gate; up], down `(E, H, I)`."""
 
-    def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int, act_fn: nn.Module,
-                 bias: bool = False, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 init_std: float | None = 0.02):
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act_fn: nn.Module,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        init_std: float | None = 0.02,
+    ):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.num_experts = num_experts
@@ -47,9 +56,16 @@ class StackedExperts(nn.Module):
     def like(cls, mlp: nn.Module, num_experts: int, *, init_std: float | None = 0.02) -> "StackedExperts":
         """`num_experts` experts with the shapes, dtype and biases of the dense gated MLP `mlp`, normal(`init_std`)."""
         _, down, gate_up_bias, down_bias = gate_up_down(mlp)
-        return cls(num_experts=num_experts, hidden_size=down.shape[0], intermediate_size=down.shape[1],
-                   act_fn=activation(mlp), bias=gate_up_bias is not None or down_bias is not None,
-                   dtype=down.dtype, device=down.device, init_std=init_std)
+        return cls(
+            num_experts=num_experts,
+            hidden_size=down.shape[0],
+            intermediate_size=down.shape[1],
+            act_fn=activation(mlp),
+            bias=gate_up_bias is not None or down_bias is not None,
+            dtype=down.dtype,
+            device=down.device,
+            init_std=init_std,
+        )
 
     @classmethod
     def copies_of(cls, mlp: nn.Module, num_experts: int) -> "StackedExperts":
@@ -65,8 +81,9 @@ class StackedExperts(nn.Module):
                 experts.down_bias.copy_(down_bias.expand_as(experts.down_bias))
         return experts
 
-    def forward(self, out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
-                counts: list[int]) -> torch.Tensor:
+    def forward(
+        self, out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
         """Add `weight[p] · expert_e(x[token[p]])` into `out` `(N, H)`, pairs p sorted by expert, `counts[e]` each."""
         if token.shape[0] == 0:
             if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
@@ -142,7 +159,9 @@ class MoEBlock(nn.Module):
         weights, experts = self.route(logits, limit)  # (N, k)
         return self.dispatch(x, weights, experts, limit is not None).view(shape)
 
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, limited: bool = False) -> torch.Tensor:
+    def dispatch(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, limited: bool = False
+    ) -> torch.Tensor:
         """Σ_j weights[t, j] · E_{experts[t, j]}(x[t]) for every token t, experts grouped by one sort."""
         k = experts.shape[-1]
         pair_expert = experts.reshape(-1)  # (P,)
@@ -211,4 +230,3 @@ def new_router(hidden_size: int, rows: int, *, like: torch.Tensor) -> nn.Linear:
         nn.init.xavier_normal_(weight)
         router.weight.copy_(weight)
     return router
-

@@ -60,9 +60,18 @@ def _accumulate_sum(buffer: torch.Tensor, a: torch.Tensor, first: bool) -> None:
     buffer.copy_(a.sum(0)) if first else buffer.add_(a.sum(0))
 
 
-def add_looped(out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, counts: list[int],
-               gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
-               down_bias: torch.Tensor | None, act_fn: nn.Module) -> torch.Tensor:
+def add_looped(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    token: torch.Tensor,
+    weight: torch.Tensor,
+    counts: list[int],
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    act_fn: nn.Module,
+) -> torch.Tensor:
     """`out[token[p]] += weight[p] · MLP_e(x[token[p]])` for the pairs p of one stacked group, sorted by expert.
 
     Args:
@@ -75,8 +84,9 @@ def add_looped(out: torch.Tensor, x: torch.Tensor, token: torch.Tensor, weight: 
         gate_up_bias, down_bias: `(E, 2I)` / `(E, H)` or None.
         act_fn: the activation, out of place (every transformers `ACT2FN` is).
     """
-    return _LoopedExperts.apply(out, x, token, weight, gate_up, down, gate_up_bias, down_bias, counts, act_fn,
-                                torch.is_grad_enabled())
+    return _LoopedExperts.apply(
+        out, x, token, weight, gate_up, down, gate_up_bias, down_bias, counts, act_fn, torch.is_grad_enabled()
+    )
 
 
 class _LoopedExperts(torch.autograd.Function):

@@ -34,7 +34,7 @@ class LoRAMoELinear(nn.Module):
         self.lora_router = nn.Linear(in_features, num_experts, bias=False, **kw)
         with torch.no_grad():
             for e in range(num_experts):  # peft's LoRA init per expert: kaiming-uniform A, zero B
-                nn.init.kaiming_uniform_(self.lora_A[e * rank:(e + 1) * rank], a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.lora_A[e * rank : (e + 1) * rank], a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.lora_router(x).float().softmax(dim=-1).to(x.dtype)  # (..., E)

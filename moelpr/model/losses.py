@@ -13,8 +13,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None,
-                        form: Literal["mixtral", "paper"] = "mixtral") -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor],
+    top_k: int,
+    token_mask: torch.Tensor | None = None,
+    form: Literal["mixtral", "paper"] = "mixtral",
+) -> torch.Tensor:
     """Switch/Mixtral balance loss per MoE layer, averaged over layers, padding excluded.
 
     Per layer: E · Σ_e f_e · P_e with f_e = share of tokens having e among their top-k (Σ f = k) and
@@ -40,9 +44,13 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, token
     return torch.stack(per_layer).mean()
 
 
-def lpr_loss(router_logits: Sequence[torch.Tensor], lang_mask: torch.Tensor,
-             form: Literal["paper", "official"] = "paper", reduction: Literal["mean", "sum"] = "mean",
-             num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def lpr_loss(
+    router_logits: Sequence[torch.Tensor],
+    lang_mask: torch.Tensor,
+    form: Literal["paper", "official"] = "paper",
+    reduction: Literal["mean", "sum"] = "mean",
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Language Priors Routing loss (MoE-LPR §3.2): push original-language tokens to expert 0.
 
     form:
@@ -93,8 +101,14 @@ def classifier_loss(classifier_logits: Sequence[torch.Tensor], labels: Sequence[
     return torch.stack(per_layer).mean()
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor], *,
-                   num_items_in_batch: int | torch.Tensor | None = None, chunk_size: int = 4096) -> torch.Tensor:
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
     """Next-token cross-entropy from final hidden states, computed in chunks of `chunk_size` target tokens.
 
     Each chunk's logits are recomputed in the backward pass (activation checkpointing), so the full
@@ -112,8 +126,11 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, logits_fn: Callab
     total = hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum()  # keeps the graph for empty batches
     for start in range(0, targets.shape[0], chunk_size):
         h_chunk, t_chunk = h[start : start + chunk_size], targets[start : start + chunk_size]
-        total = total + (checkpoint(chunk_ce, h_chunk, t_chunk, use_reentrant=False) if h.requires_grad
-                         else chunk_ce(h_chunk, t_chunk))
+        total = total + (
+            checkpoint(chunk_ce, h_chunk, t_chunk, use_reentrant=False)
+            if h.requires_grad
+            else chunk_ce(h_chunk, t_chunk)
+        )
     denom = num_items_in_batch if num_items_in_batch is not None else targets.shape[0]
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device)

@@ -91,9 +91,11 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(os.path.join(path, DELTA_META)):
             if cls.delta_loader is None:
-                raise UserError(f"{path} is a moelpr delta checkpoint (the new weights plus the path of its dense "
-                                "base): load it with `import moelpr; moelpr.load_model(DIR)` (pip install moelpr), "
-                                "or write a full checkpoint with `moe-lpr export --format hf`")
+                raise UserError(
+                    f"{path} is a moelpr delta checkpoint (the new weights plus the path of its dense "
+                    "base): load it with `import moelpr; moelpr.load_model(DIR)` (pip install moelpr), "
+                    "or write a full checkpoint with `moe-lpr export --format hf`"
+                )
             return cls.delta_loader(path, dtype=kwargs.get("dtype"))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
@@ -143,16 +145,25 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         rows = (input_ids if input_ids is not None else inputs_embeds).shape[:2]  # (B, S) of this call
         need_router = bool(output_router_logits) or labels is not None or lang_mask is not None
-        lm_kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, CACHE_ARG: cache,
-                     "inputs_embeds": inputs_embeds, "use_cache": use_cache, **kwargs}
+        lm_kwargs = {
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            CACHE_ARG: cache,
+            "inputs_embeds": inputs_embeds,
+            "use_cache": use_cache,
+            **kwargs,
+        }
         chunked = labels is not None and not compute_logits
-        classifiers = [b.classifier for b in moe_blocks(self)
-                       if b.classifier is not None and b.classifier.pooling == "sequence"]
+        classifiers = [
+            b.classifier for b in moe_blocks(self) if b.classifier is not None and b.classifier.pooling == "sequence"
+        ]
         past = cache.get_seq_length() if cache is not None and classifiers else 0
         continuing = past > 0 and self.prompt_decision is not None and self.prompt_decision.continues(rows[0], past)
-        with capture_router_logits(self, enabled=need_router) as router_logits, \
-                capture_classifier_logits(self, enabled=lang_group is not None) as classifier_logits, \
-                _forced_groups(classifiers, self.prompt_decision.groups if continuing else None):
+        with (
+            capture_router_logits(self, enabled=need_router) as router_logits,
+            capture_classifier_logits(self, enabled=lang_group is not None) as classifier_logits,
+            _forced_groups(classifiers, self.prompt_decision.groups if continuing else None),
+        ):
             if chunked:
                 out = self.lm.get_decoder()(input_ids=input_ids, **lm_kwargs)
             else:
@@ -166,19 +177,29 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
         logits, lm_loss = (None, None) if chunked else (out.logits, None)
         if labels is not None:
             if chunked:
-                lm_loss = causal_lm_loss(out.last_hidden_state, labels, self._logits_from_hidden,
-                                         num_items_in_batch=num_items_in_batch, chunk_size=cfg.lm_loss_chunk_size)
+                lm_loss = causal_lm_loss(
+                    out.last_hidden_state,
+                    labels,
+                    self._logits_from_hidden,
+                    num_items_in_batch=num_items_in_batch,
+                    chunk_size=cfg.lm_loss_chunk_size,
+                )
             else:
                 lm_loss = _causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
 
         router_logits = tuple(router_logits)
         aux = lpr = cls = None
-        token_mask = attention_mask[:, -rows[1]:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        token_mask = attention_mask[:, -rows[1] :] if attention_mask is not None and attention_mask.dim() == 2 else None
         if router_logits and (labels is not None or output_router_logits):
             aux = load_balancing_loss(router_logits, cfg.num_experts_per_tok, token_mask, form=cfg.balance_loss_form)
         if router_logits and lang_mask is not None:
-            lpr = lpr_loss(router_logits, lang_mask, form=cfg.lpr_loss_form, reduction=cfg.lpr_loss_reduction,
-                           num_tokens=_target_tokens(labels, num_items_in_batch, token_mask))
+            lpr = lpr_loss(
+                router_logits,
+                lang_mask,
+                form=cfg.lpr_loss_form,
+                reduction=cfg.lpr_loss_reduction,
+                num_tokens=_target_tokens(labels, num_items_in_batch, token_mask),
+            )
         if classifier_logits:
             targets = group_labels(lang_group, token_mask, cfg.classifier_groups, cfg.classifier_pooling)
             cls = classifier_loss(classifier_logits, [targets] * len(classifier_logits))
@@ -189,9 +210,16 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
         terms = [coef * term for term, coef in weighted if term is not None and coef]
         loss = sum(terms[1:], terms[0]) if terms else None
         return MoELPROutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=aux, lpr_loss=lpr, cls_loss=cls, logits=logits,
-            hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),
-            router_logits=router_logits if output_router_logits else None, **{CACHE_ARG: out_cache},
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux,
+            lpr_loss=lpr,
+            cls_loss=cls,
+            logits=logits,
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+            router_logits=router_logits if output_router_logits else None,
+            **{CACHE_ARG: out_cache},
         )
 
     def _logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -213,8 +241,9 @@ def _forced_groups(classifiers: list[LanguageClassifier], groups: list[torch.Ten
             classifier.forced = None
 
 
-def _target_tokens(labels: torch.Tensor | None, num_items_in_batch: int | torch.Tensor | None,
-                   token_mask: torch.Tensor | None) -> int | torch.Tensor | None:
+def _target_tokens(
+    labels: torch.Tensor | None, num_items_in_batch: int | torch.Tensor | None, token_mask: torch.Tensor | None
+) -> int | torch.Tensor | None:
     """What the LM loss is a mean over: the Trainer's global target count, else this batch's targets or tokens."""
     if num_items_in_batch is not None:
         return num_items_in_batch
@@ -223,8 +252,9 @@ def _target_tokens(labels: torch.Tensor | None, num_items_in_batch: int | torch.
     return token_mask.sum() if token_mask is not None else None
 
 
-def _causal_lm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor,
-                                num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+def _causal_lm_loss_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+) -> torch.Tensor:
     """Standard shifted CE over labels ≠ −100 (mean, or sum / num_items_in_batch)."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B·(S−1), V)
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
@@ -240,8 +270,15 @@ def convert_from_config(lm: PreTrainedModel, config: MoELPRConfig) -> None:
         spec = config.loramoe
         add_loramoe(lm, num_experts=int(spec["experts"]), rank=int(spec["rank"]), alpha=float(spec["alpha"]))
         return
-    convert_layers(lm, config.expert_groups, config.num_experts_per_tok, config.classifier_layers or (),
-                   config.classifier_groups, config.classifier_pooling, expert_init=config.expert_init)
+    convert_layers(
+        lm,
+        config.expert_groups,
+        config.num_experts_per_tok,
+        config.classifier_layers or (),
+        config.classifier_groups,
+        config.classifier_pooling,
+        expert_init=config.expert_init,
+    )
 
 
 MoELPRForCausalLM.register_for_auto_class("AutoModelForCausalLM")  # save_pretrained ships these modules

@@ -58,5 +58,7 @@ def parameter_summary(model: nn.Module) -> str:
     """One line: trainable / total / active-per-token parameters."""
     c = parameter_counts(model)
     share = 100.0 * c["trainable"] / max(c["total"], 1)
-    return (f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {share:.4f} "
-            f"|| active params per token: {c['active']:,}")
+    return (
+        f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {share:.4f} "
+        f"|| active params per token: {c['active']:,}"
+    )

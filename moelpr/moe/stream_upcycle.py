@@ -46,16 +46,19 @@ class DenseCheckpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{index} is not a safetensors index (no weight_map); re-save the model with "
-                                "save_pretrained") from None
+                raise UserError(
+                    f"{index} is not a safetensors index (no weight_map); re-save the model with save_pretrained"
+                ) from None
             files = sorted(set(weight_map.values()))
         elif (path / SAFE_WEIGHTS_NAME).is_file():
             files = [SAFE_WEIGHTS_NAME]
         else:
             found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             extra = f" (found {found[0]}: pickle checkpoints are not read)" if found else ""
-            raise UserError(f"{path} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})"
-                            f"{extra}; save the dense model with save_pretrained")
+            raise UserError(
+                f"{path} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})"
+                f"{extra}; save the dense model with save_pretrained"
+            )
         self.file_of: dict[str, Path] = {}
         self.shape_of: dict[str, tuple[int, ...]] = {}
         self.dtype_of: dict[str, str] = {}
@@ -103,20 +106,27 @@ class _DenseState(Mapping):
         for name, tensor in tensors.items():
             found = stored.get(id(tensor))
             if found is None:
-                raise UserError(f"{checkpoint.path} has no tensor {name!r}, which {type(lm).__name__} needs; pass a "
-                                "complete checkpoint of its config.json (load and re-save it with transformers' "
-                                "save_pretrained)")
+                raise UserError(
+                    f"{checkpoint.path} has no tensor {name!r}, which {type(lm).__name__} needs; pass a "
+                    "complete checkpoint of its config.json (load and re-save it with transformers' "
+                    "save_pretrained)"
+                )
             if checkpoint.shape_of[found] != tuple(tensor.shape):
-                raise UserError(f"tensor {found!r} in {checkpoint.path} has shape {checkpoint.shape_of[found]}, but "
-                                f"config.json implies {tuple(tensor.shape)}; the weights do not belong to this config")
+                raise UserError(
+                    f"tensor {found!r} in {checkpoint.path} has shape {checkpoint.shape_of[found]}, but "
+                    f"config.json implies {tuple(tensor.shape)}; the weights do not belong to this config"
+                )
             self.source_of[name] = found
         self._dtype_of = {name: tensor.dtype for name, tensor in tensors.items()}
         self._name_of = {id(tensor): name for name, tensor in tensors.items()}
 
     def moe_sources(self, moe: nn.Module) -> dict[str, str]:
         """Every key of `moe` (which wraps the converted skeleton) that is a dense tensor → its checkpoint name."""
-        return {name: self.source_of[self._name_of[id(t)]] for name, t in moe.state_dict(keep_vars=True).items()
-                if id(t) in self._name_of}
+        return {
+            name: self.source_of[self._name_of[id(t)]]
+            for name, t in moe.state_dict(keep_vars=True).items()
+            if id(t) in self._name_of
+        }
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._checkpoint.read(self.source_of[name], self._dtype_of[name])
@@ -134,8 +144,9 @@ def _read_text_config(path: Path):
     if not path.is_dir():
         raise UserError(f"model directory {path} does not exist; pass a directory written by save_pretrained")
     if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a model directory (no config.json); pass a directory written by "
-                        "save_pretrained")
+        raise UserError(
+            f"{path} is not a model directory (no config.json); pass a directory written by save_pretrained"
+        )
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as err:
@@ -177,9 +188,11 @@ class _ShardFiller:
 
         self.moe, self.checkpoint, self.source_of = moe, checkpoint, source_of
         self.blocks = {name: m for name, m in moe.named_modules() if isinstance(m, MoEBlock)}
-        self.owner = {f"{path}.{key}": path for path, block in self.blocks.items()
-                      for key in [*block.original.state_dict(prefix="original."),
-                                  *block.experts.state_dict(prefix="experts.")]}
+        self.owner = {
+            f"{path}.{key}": path
+            for path, block in self.blocks.items()
+            for key in [*block.original.state_dict(prefix="original."), *block.experts.state_dict(prefix="experts.")]
+        }
         self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -198,8 +211,10 @@ class _ShardFiller:
 
         block = self.blocks[path]
         mlp = copy.deepcopy(block.original)  # meta: no memory
-        weights = {key: self.checkpoint.read(self.source_of[f"{path}.original.{key}"], t.dtype)
-                   for key, t in block.original.state_dict(keep_vars=True).items()}
+        weights = {
+            key: self.checkpoint.read(self.source_of[f"{path}.original.{key}"], t.dtype)
+            for key, t in block.original.state_dict(keep_vars=True).items()
+        }
         mlp.load_state_dict(weights, assign=True)
         return mlp, [StackedExperts.copies_of(mlp, group.num_experts) for group in block.experts]
 
@@ -208,15 +223,26 @@ class _ShardFiller:
         if self._cached is None or self._cached[0] != path:
             self._cached = None  # drop the previous layer first
             mlp, groups = self.mlp_and_experts(path)
-            tensors = {**mlp.state_dict(prefix=f"{path}.original."),
-                       **nn.ModuleList(groups).state_dict(prefix=f"{path}.experts.")}
+            tensors = {
+                **mlp.state_dict(prefix=f"{path}.original."),
+                **nn.ModuleList(groups).state_dict(prefix=f"{path}.experts."),
+            }
             self._cached = (path, tensors)
         return self._cached[1]
 
 
-def stream_upcycle(model_dir: str | os.PathLike, output: str | os.PathLike, *, num_experts: int | Sequence[int] = 4,
-                   top_k: int = 2, layers: Sequence[int] | None = None, format: str = "full", seed: int = 0,
-                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> nn.Module:
+def stream_upcycle(
+    model_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    num_experts: int | Sequence[int] = 4,
+    top_k: int = 2,
+    layers: Sequence[int] | None = None,
+    format: str = "full",
+    seed: int = 0,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> nn.Module:
     """Upcycle the dense checkpoint at `model_dir` into `output` without loading either model whole.
 
     Args:
@@ -261,8 +287,14 @@ def stream_upcycle(model_dir: str | os.PathLike, output: str | os.PathLike, *, n
     return moe
 
 
-def _meta_moe(lm: nn.Module, num_experts: int | Sequence[int], top_k: int, layers: Sequence[int] | None, seed: int,
-              base_model_path: str) -> nn.Module:
+def _meta_moe(
+    lm: nn.Module,
+    num_experts: int | Sequence[int],
+    top_k: int,
+    layers: Sequence[int] | None,
+    seed: int,
+    base_model_path: str,
+) -> nn.Module:
     """The MoE-LPR model of the meta skeleton `lm`, with real routers drawn after `torch.manual_seed(seed)`."""
     from moelpr.model import MoELPRConfig, MoELPRForCausalLM
     from moelpr.model.arch import check_supported, decoder_layers
@@ -273,8 +305,13 @@ def _meta_moe(lm: nn.Module, num_experts: int | Sequence[int], top_k: int, layer
     check_supported(lm)
     counts = experts_per_layer_from(num_experts, len(decoder_layers(lm)), layers)
     check_top_k(top_k, counts)
-    config = MoELPRConfig(text_config=lm.config, experts_per_layer=counts, num_experts_per_tok=top_k,
-                          base_model_path=base_model_path, expert_init="copy")
+    config = MoELPRConfig(
+        text_config=lm.config,
+        experts_per_layer=counts,
+        num_experts_per_tok=top_k,
+        base_model_path=base_model_path,
+        expert_init="copy",
+    )
     moe = MoELPRForCausalLM(config, lm=lm)  # wrapped before the surgery, as in `upcycle`
     convert_layers(lm, config.expert_groups, top_k)  # on meta: no memory, no random draws
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
@@ -293,8 +330,10 @@ def _shard_plan(moe: nn.Module, max_shard_size: int | str):
 
     state = remove_tied_weights_from_state_dict(moe.state_dict(), moe)
     if list(revert_weight_conversion(moe, dict(state))) != list(state):
-        raise UserError(f"{type(moe.lm).__name__} saves its weights under other names than it loads them; "
-                        "the streamed upcycle cannot write it, use moelpr.upcycle in Python")
+        raise UserError(
+            f"{type(moe.lm).__name__} saves its weights under other names than it loads them; "
+            "the streamed upcycle cannot write it, use moelpr.upcycle in Python"
+        )
     pattern = SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
     try:
         return split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=max_shard_size)
@@ -313,8 +352,10 @@ def _write_full(moe: nn.Module, filler: _ShardFiller, split, directory: Path) ->
         save_file(shard, str(directory / filename), metadata={"format": "pt"})
         del shard
     if split.is_sharded:
-        index = {"metadata": {"total_parameters": moe.num_parameters(), **split.metadata},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_parameters": moe.num_parameters(), **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
         (directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 

@@ -19,8 +19,9 @@ from moelpr.model.errors import UserError
 from moelpr.model.layer import MoEBlock, StackedExperts, new_router
 
 
-def experts_per_layer_from(num_experts: int | Sequence[int], num_layers: int,
-                           layers: Sequence[int] | None = None) -> list[int]:
+def experts_per_layer_from(
+    num_experts: int | Sequence[int], num_layers: int, layers: Sequence[int] | None = None
+) -> list[int]:
     """Normalise `num_experts` (one count, or one per layer) and `layers` into a per-layer list (1 = dense)."""
     if layers is not None:
         bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]
@@ -33,7 +34,9 @@ def experts_per_layer_from(num_experts: int | Sequence[int], num_layers: int,
         return [num_experts if i in chosen else 1 for i in range(num_layers)]
     counts = list(num_experts)
     if len(counts) != num_layers:
-        raise UserError(f"num_experts lists {len(counts)} counts but the model has {num_layers} layers; give one per layer")
+        raise UserError(
+            f"num_experts lists {len(counts)} counts but the model has {num_layers} layers; give one per layer"
+        )
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
         raise UserError(f"per-layer expert counts must be integers ≥ 1 (1 = layer stays dense), got {counts}")
     if layers is not None:
@@ -56,7 +59,9 @@ def add_expert_group(lm: nn.Module, new_experts_per_layer: Sequence[int]) -> Non
     """
     layers = decoder_layers(lm)
     if len(new_experts_per_layer) != len(layers):
-        raise UserError(f"the new group lists {len(new_experts_per_layer)} counts but the model has {len(layers)} layers")
+        raise UserError(
+            f"the new group lists {len(new_experts_per_layer)} counts but the model has {len(layers)} layers"
+        )
     prior = next((len(l.mlp.experts) for l in layers if isinstance(l.mlp, MoEBlock)), 0)
     for layer, n in zip(layers, new_experts_per_layer):
         if not isinstance(layer.mlp, MoEBlock):
@@ -94,13 +99,20 @@ def expand(model, new_experts_per_layer: Sequence[int]) -> int:
     config.experts_per_layer = [n + new for n, new in zip(config.experts_per_layer, counts)]
     for block in moe_blocks(model):  # the last class of an existing classifier may now use the new experts
         if block.classifier is not None:
-            block.classifier.limits = expert_limits([group.num_experts for group in block.experts],
-                                                    len(block.classifier.limits))
+            block.classifier.limits = expert_limits(
+                [group.num_experts for group in block.experts], len(block.classifier.limits)
+            )
     return len(config.expert_groups) - 1
 
 
-def upcycle(model: nn.Module, num_experts: int | Sequence[int] = 4, top_k: int = 2,
-            layers: Sequence[int] | None = None, expert_init: str = "copy", **settings):
+def upcycle(
+    model: nn.Module,
+    num_experts: int | Sequence[int] = 4,
+    top_k: int = 2,
+    layers: Sequence[int] | None = None,
+    expert_init: str = "copy",
+    **settings,
+):
     """Turn a loaded dense `AutoModelForCausalLM` into an MoE-LPR model (`MoELPRForCausalLM`).
 
     Args:
@@ -120,14 +132,21 @@ def upcycle(model: nn.Module, num_experts: int | Sequence[int] = 4, top_k: int =
     from moelpr.moe.freeze import set_trainable
 
     if isinstance(model, MoELPRForCausalLM) or moe_blocks(model):
-        raise UserError(f"{type(model).__name__} is already upcycled; add languages to it with lifelong expansion instead")
+        raise UserError(
+            f"{type(model).__name__} is already upcycled; add languages to it with lifelong expansion instead"
+        )
     check_supported(model)
     counts = experts_per_layer_from(num_experts, len(decoder_layers(model)), layers)
     check_top_k(top_k, counts)
-    config = MoELPRConfig(text_config=model.config, experts_per_layer=counts, num_experts_per_tok=top_k,
-                          base_model_path=getattr(model, "name_or_path", None) or None,
-                          base_fingerprint=base_fingerprint(model.state_dict()), expert_init=expert_init,
-                          **settings)
+    config = MoELPRConfig(
+        text_config=model.config,
+        experts_per_layer=counts,
+        num_experts_per_tok=top_k,
+        base_model_path=getattr(model, "name_or_path", None) or None,
+        base_fingerprint=base_fingerprint(model.state_dict()),
+        expert_init=expert_init,
+        **settings,
+    )
     # Wrap first, convert second: the wrapper's post_init initialises every module it has not seen initialised,
     # which would redraw the xavier-normal routers with the base model's normal(initializer_range).
     moe = MoELPRForCausalLM(config, lm=model)
@@ -157,8 +176,11 @@ def loramoe(model: nn.Module, *, num_experts: int = 8, rank: int = 180, alpha: f
             raise UserError(f"{key} must be a positive integer, got {value!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise UserError(f"lora_alpha must be a positive number, got {alpha!r}")
-    config = MoELPRConfig(text_config=model.config, loramoe={"experts": num_experts, "rank": rank, "alpha": alpha},
-                          base_model_path=getattr(model, "name_or_path", None) or None)
+    config = MoELPRConfig(
+        text_config=model.config,
+        loramoe={"experts": num_experts, "rank": rank, "alpha": alpha},
+        base_model_path=getattr(model, "name_or_path", None) or None,
+    )
     moe = MoELPRForCausalLM(config, lm=model)  # before the surgery, as in `upcycle`
     add_loramoe(model, num_experts=num_experts, rank=rank, alpha=alpha)
     set_trainable(moe, "loramoe")
@@ -176,7 +198,9 @@ def add_classifiers(model, layers: Sequence[int], num_classes: int = 2, pooling:
     """
     moe_layers = model.config.moe_layers
     if len(layers) > len(moe_layers):
-        raise UserError(f"{len(layers)} classifier layers requested but the model has only {len(moe_layers)} MoE layers")
+        raise UserError(
+            f"{len(layers)} classifier layers requested but the model has only {len(moe_layers)} MoE layers"
+        )
     bad = [i for i in layers if i not in moe_layers]
     if bad:
         raise UserError(f"classifier layer {bad[0]} is not an MoE layer; choose among {moe_layers}")

@@ -36,9 +36,17 @@ PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
 ADAPTER_DIR = "adapter"
 
 
-def prepare_baseline(method: str, model: nn.Module, *, lora_rank: int = 8, lora_alpha: int = 16,
-                     lora_target: str | Sequence[str] = "all-linear", llama_pro_blocks: int | None = None,
-                     llama_pro_every: int | None = None, verbose: bool = True) -> nn.Module:
+def prepare_baseline(
+    method: str,
+    model: nn.Module,
+    *,
+    lora_rank: int = 8,
+    lora_alpha: int = 16,
+    lora_target: str | Sequence[str] = "all-linear",
+    llama_pro_blocks: int | None = None,
+    llama_pro_every: int | None = None,
+    verbose: bool = True,
+) -> nn.Module:
     """Make a dense causal LM ready to train as the baseline `method`.
 
     Args:
@@ -57,7 +65,9 @@ def prepare_baseline(method: str, model: nn.Module, *, lora_rank: int = 8, lora_
     _check_method(method)
     _check_dense(model)
     if method != "llama_pro" and (llama_pro_blocks is not None or llama_pro_every is not None):
-        raise UserError(f"llama_pro_blocks / llama_pro_every only apply to method 'llama_pro', not {method!r}; remove them")
+        raise UserError(
+            f"llama_pro_blocks / llama_pro_every only apply to method 'llama_pro', not {method!r}; remove them"
+        )
     if method == "full":
         model.requires_grad_(True)
     elif method == "lora":
@@ -74,8 +84,9 @@ def prepare_baseline(method: str, model: nn.Module, *, lora_rank: int = 8, lora_
     return model
 
 
-def save_baseline(method: str, model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, *,
-                  overwrite: bool = False) -> nn.Module:
+def save_baseline(
+    method: str, model: nn.Module, output_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False
+) -> nn.Module:
     """Write a trained baseline atomically to `output_dir` as a plain dense HF model (safetensors).
 
     full / llama_pro: `save_pretrained` of the model (llama_pro's config records the expanded layer count).
@@ -107,8 +118,10 @@ def llama_pro_positions(num_layers: int, *, blocks: int | None = None, every: in
     layer ⌊(i+1)·L/n⌋ − 1 for i < n, i.e. n groups as equal as possible (L=24, n=12 → every 2 layers).
     """
     if (blocks is None) == (every is None):
-        raise UserError("llama_pro needs exactly one of llama_pro_blocks (blocks to add) or llama_pro_every "
-                        "(add one after every N layers)")
+        raise UserError(
+            "llama_pro needs exactly one of llama_pro_blocks (blocks to add) or llama_pro_every "
+            "(add one after every N layers)"
+        )
     value, key = (blocks, "llama_pro_blocks") if blocks is not None else (every, "llama_pro_every")
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= num_layers:
         raise UserError(f"{key} must be an integer between 1 and the model's {num_layers} layers, got {value!r}")
@@ -130,8 +143,10 @@ def expand_blocks(model: nn.Module, after: Sequence[int]) -> list[int]:
     old_count = len(layers)
     for name in OUTPUT_PROJECTIONS:
         if not isinstance(_submodule(layers[0], name), nn.Linear):
-            raise UserError(f"llama_pro does not support {type(model).__name__}: its decoder layers have no "
-                            f"linear `{name}` to zero-initialise")
+            raise UserError(
+                f"llama_pro does not support {type(model).__name__}: its decoder layers have no "
+                f"linear `{name}` to zero-initialise"
+            )
     chosen = set(after)
     new_layers: list[nn.Module] = []
     order: list[int] = []  # original index each new layer comes from
@@ -182,7 +197,9 @@ def _add_lora(model: nn.Module, rank: int, alpha: int, target: str | Sequence[st
     try:
         return get_peft_model(model, config)
     except ValueError as err:
-        raise UserError(f"lora_target {target!r} does not fit {type(model).__name__}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"lora_target {target!r} does not fit {type(model).__name__}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def _check_method(method: str) -> None:
@@ -192,7 +209,9 @@ def _check_method(method: str) -> None:
 
 def _check_dense(model: nn.Module) -> None:
     if hasattr(model, "peft_config"):
-        raise UserError(f"the model already carries a peft adapter ({type(model).__name__}); start from the dense model")
+        raise UserError(
+            f"the model already carries a peft adapter ({type(model).__name__}); start from the dense model"
+        )
     if moe_blocks(model) or getattr(getattr(model, "config", None), "model_type", None) == "moelpr":
         raise UserError("baselines start from the dense model, but this one is upcycled (MoE-LPR); load the dense base")
     decoder_layers(model)
@@ -203,4 +222,3 @@ def _submodule(module: nn.Module, name: str) -> nn.Module | None:
         return module.get_submodule(name)
     except AttributeError:
         return None
-

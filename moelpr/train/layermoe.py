@@ -19,8 +19,8 @@ from pathlib import Path
 from moelpr.errors import UserError
 from moelpr.train.recipe import DEFAULT_CLASSIFIER_TOP_K, Recipe
 
-
 # ---- lifelong expansion (stage 1) ---------------------------------------------------------------------------
+
 
 def new_experts(recipe: Recipe, num_layers: int) -> list[int]:
     """The added group's new experts per layer: the list as given, or an allocation.json's N_l − 1."""
@@ -42,8 +42,10 @@ def expanded_model(recipe: Recipe, moelpr) -> tuple[object, int]:
     finished = getattr(getattr(model, "config", None), "completed_stage", 0)
     if not isinstance(model, moelpr.MoELPRForCausalLM) or finished != 2:
         found = "a dense model" if not isinstance(model, moelpr.MoELPRForCausalLM) else f"completed_stage {finished}"
-        raise UserError(f"lifelong expansion needs a model that finished stage 2; {recipe.model} is {found} "
-                        "(run stage 2 first and pass its output_dir as model)")
+        raise UserError(
+            f"lifelong expansion needs a model that finished stage 2; {recipe.model} is {found} "
+            "(run stage 2 first and pass its output_dir as model)"
+        )
     group = expand(model, new_experts(recipe, len(model.config.experts_per_layer)))
     cfg = model.config
     cfg.aux_loss_coef, cfg.lpr_loss_coef, cfg.cls_loss_coef = recipe.aux_loss_coef, 0.0, 0.0  # classifiers frozen
@@ -52,6 +54,7 @@ def expanded_model(recipe: Recipe, moelpr) -> tuple[object, int]:
 
 
 # ---- classifiers (stage 2) ----------------------------------------------------------------------------------
+
 
 def classifier_layers_from_similarity(path: str | os.PathLike, config, k: int) -> list[int]:
     """The `k` MoE layers of highest S_l in a similarity.json (ties: the earlier layer), in layer order."""
@@ -62,8 +65,10 @@ def classifier_layers_from_similarity(path: str | os.PathLike, config, k: int) -
     scores = scores_from_similarity(similarity, str(path))
     moe_layers = config.moe_layers
     if k > len(moe_layers):
-        raise UserError(f"classifier_top_k {k} is larger than the model's {len(moe_layers)} MoE layers; "
-                        f"choose classifier_top_k ≤ {len(moe_layers)}")
+        raise UserError(
+            f"classifier_top_k {k} is larger than the model's {len(moe_layers)} MoE layers; "
+            f"choose classifier_top_k ≤ {len(moe_layers)}"
+        )
     return sorted(sorted(moe_layers, key=lambda layer: -scores[layer])[:k])
 
 
@@ -78,7 +83,9 @@ def setup_classifiers(model, recipe: Recipe, corpora: list) -> None:
     if recipe.classifier_layers is not None:
         layers = list(recipe.classifier_layers)
     elif recipe.similarity is not None:
-        layers = classifier_layers_from_similarity(recipe.similarity, cfg, recipe.classifier_top_k or DEFAULT_CLASSIFIER_TOP_K)
+        layers = classifier_layers_from_similarity(
+            recipe.similarity, cfg, recipe.classifier_top_k or DEFAULT_CLASSIFIER_TOP_K
+        )
     elif cfg.classifier_layers and cfg.classifier_groups != groups:
         layers, pooling = list(cfg.classifier_layers), cfg.classifier_pooling  # e.g. G2's stage 2: 2 → 3 classes
     else:

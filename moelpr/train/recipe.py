@@ -146,9 +146,14 @@ class Recipe:
         for key in ("max_docs", "llama_pro_blocks", "llama_pro_every"):
             if getattr(self, key) is not None:
                 _check_positive_int(key, getattr(self, key))
-        if isinstance(self.router_warning_threshold, bool) or not isinstance(self.router_warning_threshold, (int, float)) \
-                or not 0 <= self.router_warning_threshold <= 1:
-            raise UserError(f"router_warning_threshold must be a share between 0 and 1, got {self.router_warning_threshold!r}")
+        if (
+            isinstance(self.router_warning_threshold, bool)
+            or not isinstance(self.router_warning_threshold, (int, float))
+            or not 0 <= self.router_warning_threshold <= 1
+        ):
+            raise UserError(
+                f"router_warning_threshold must be a share between 0 and 1, got {self.router_warning_threshold!r}"
+            )
         for key in ("aux_loss_coef", "lpr_loss_coef", "cls_loss_coef"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -158,8 +163,10 @@ class Recipe:
                 raise UserError(f"{_yaml_key(key)} must be true or false, got {getattr(self, key)!r}")
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise UserError(f"model must be a model directory, got {self.model!r}")
-        if self.layers is not None and (not isinstance(self.layers, list) or
-                                        not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)):
+        if self.layers is not None and (
+            not isinstance(self.layers, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
+        ):
             raise UserError(f"layers must be a list of layer indices such as [0, 1, 5], got {self.layers!r}")
         self._check_layermoe()
         if not self.training_args.get("output_dir"):
@@ -175,11 +182,17 @@ class Recipe:
             if self.continue_ or self.layers is not None:
                 raise UserError("expand: true adds a new expert group; it does not combine with continue or layers")
             if isinstance(self.num_experts, int):
-                raise UserError("with expand: true give num_experts as a per-layer list of NEW experts or an "
-                                f"allocation.json, not the single count {self.num_experts!r}")
+                raise UserError(
+                    "with expand: true give num_experts as a per-layer list of NEW experts or an "
+                    f"allocation.json, not the single count {self.num_experts!r}"
+                )
         _check_choice("classifier_pooling", self.classifier_pooling, ("sequence", "token"))
         if self.classifier_groups is not None:
-            if isinstance(self.classifier_groups, bool) or not isinstance(self.classifier_groups, int) or self.classifier_groups < 2:
+            if (
+                isinstance(self.classifier_groups, bool)
+                or not isinstance(self.classifier_groups, int)
+                or self.classifier_groups < 2
+            ):
                 raise UserError(f"classifier_groups must be an integer ≥ 2, got {self.classifier_groups!r}")
         if self.classifier_top_k is not None:
             _check_positive_int("classifier_top_k", self.classifier_top_k)
@@ -187,12 +200,20 @@ class Recipe:
                 raise UserError("classifier_top_k picks layers by similarity; also give similarity: similarity.json")
         if self.classifier_layers is not None:
             layers = self.classifier_layers
-            if (not isinstance(layers, list) or not layers or len(set(layers)) != len(layers) or
-                    not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
-                raise UserError(f"classifier_layers must be a list of distinct layer indices such as [5, 6], got {layers!r}")
+            if (
+                not isinstance(layers, list)
+                or not layers
+                or len(set(layers)) != len(layers)
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+            ):
+                raise UserError(
+                    f"classifier_layers must be a list of distinct layer indices such as [5, 6], got {layers!r}"
+                )
             if self.similarity is not None:
                 raise UserError("give classifier_layers or similarity (with classifier_top_k), not both")
-        if self.similarity is not None and (not isinstance(self.similarity, (str, os.PathLike)) or not str(self.similarity)):
+        if self.similarity is not None and (
+            not isinstance(self.similarity, (str, os.PathLike)) or not str(self.similarity)
+        ):
             raise UserError(f"similarity must be the path of a similarity.json, got {self.similarity!r}")
         if self.wants_classifiers and (self.method != "moe" or self.stage != 2):
             raise UserError("classifier_layers / similarity set the LayerMoE classifiers of stage 2; remove them here")
@@ -212,7 +233,9 @@ class Recipe:
         if isinstance(value, (str, os.PathLike)):
             path = Path(value)
             if not path.is_file():
-                raise UserError(f"num_experts file {os.fspath(value)!r} does not exist; give a count, a list or an allocation.json")
+                raise UserError(
+                    f"num_experts file {os.fspath(value)!r} does not exist; give a count, a list or an allocation.json"
+                )
             try:
                 value = json.loads(path.read_text()).get("experts_per_layer")
             except (json.JSONDecodeError, AttributeError):
@@ -278,7 +301,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return parsed
 
 
-def load_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+def load_recipe(
+    source: str | os.PathLike | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
+) -> Recipe:
     """Read a recipe YAML (or a dict), apply the overrides, and validate it.
 
     Args:

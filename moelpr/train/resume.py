@@ -79,8 +79,9 @@ def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | Non
     if not isinstance(state, dict) or state.get("global_step") != step:
         recorded = state.get("global_step") if isinstance(state, dict) else None
         return f"{TRAINER_STATE} records step {recorded}, not {step}"
-    sharded = any(p.is_dir() and (p.name.startswith("global_step") or p.name.startswith("optimizer_"))
-                  for p in path.iterdir())  # DeepSpeed global_stepN/, FSDP optimizer_0/
+    sharded = any(
+        p.is_dir() and (p.name.startswith("global_step") or p.name.startswith("optimizer_")) for p in path.iterdir()
+    )  # DeepSpeed global_stepN/, FSDP optimizer_0/
     for index in sorted(path.glob("*.safetensors.index.json")):
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
@@ -106,8 +107,9 @@ def checkpoint_problem(path: Path, *, needs_optimizer: bool = True) -> str | Non
     return None
 
 
-def last_complete_checkpoint(ckpt_dir: Path, *, needs_optimizer: bool = True,
-                             warn: Callable[[str], None] = _stderr) -> Path | None:
+def last_complete_checkpoint(
+    ckpt_dir: Path, *, needs_optimizer: bool = True, warn: Callable[[str], None] = _stderr
+) -> Path | None:
     """The newest complete checkpoint in `ckpt_dir`; each newer incomplete one is skipped with a warning."""
     for path in checkpoints(ckpt_dir):
         problem = checkpoint_problem(path, needs_optimizer=needs_optimizer)
@@ -117,8 +119,9 @@ def last_complete_checkpoint(ckpt_dir: Path, *, needs_optimizer: bool = True,
     return None
 
 
-def resume_point(training_args: dict, out_dir: Path, ckpt_dir: Path, *, overwrite: bool, finished: bool,
-                 main_process: bool) -> str | None:
+def resume_point(
+    training_args: dict, out_dir: Path, ckpt_dir: Path, *, overwrite: bool, finished: bool, main_process: bool
+) -> str | None:
     """The checkpoint this run resumes from (None: start at step 0), from `resume_from_checkpoint`.
 
     - not set: the last complete checkpoint of an earlier run in `ckpt_dir`, said in one line on stderr; none
@@ -140,8 +143,10 @@ def resume_point(training_args: dict, out_dir: Path, ckpt_dir: Path, *, overwrit
     if resume is True:
         last = last_complete_checkpoint(ckpt_dir, needs_optimizer=needs_optimizer, warn=say)
         if last is None:
-            raise UserError(f"resume_from_checkpoint: true but {ckpt_dir} holds no complete checkpoint-N directory; "
-                            "drop resume_from_checkpoint to start again")
+            raise UserError(
+                f"resume_from_checkpoint: true but {ckpt_dir} holds no complete checkpoint-N directory; "
+                "drop resume_from_checkpoint to start again"
+            )
         say(f"resuming from {last}")
         return str(last)
     if resume is not None and resume is not False:
@@ -161,8 +166,10 @@ def resume_point(training_args: dict, out_dir: Path, ckpt_dir: Path, *, overwrit
     if not checkpoints(ckpt_dir):
         return None
     if resume is False:
-        raise UserError(f"output_dir {out_dir} holds checkpoints of an earlier run and resume_from_checkpoint is "
-                        "false; drop it to continue that run, or set overwrite: true to start again")
+        raise UserError(
+            f"output_dir {out_dir} holds checkpoints of an earlier run and resume_from_checkpoint is "
+            "false; drop it to continue that run, or set overwrite: true to start again"
+        )
     last = last_complete_checkpoint(ckpt_dir, needs_optimizer=needs_optimizer, warn=say)
     if last is None:
         say(f"warning: no complete checkpoint in {ckpt_dir}; starting again from step 0")

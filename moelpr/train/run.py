@@ -57,8 +57,10 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
         model, group = layermoe.expanded_model(recipe, moelpr)
         corpora = [c for c in corpora if c.group == group]
         if not corpora:
-            raise UserError(f"lifelong expansion trains expansion group {group} on corpora with group: {group}, "
-                            "but none has it; set group on the new languages' corpora")
+            raise UserError(
+                f"lifelong expansion trains expansion group {group} on corpora with group: {group}, "
+                "but none has it; set group on the new languages' corpora"
+            )
         moelpr.set_trainable(model, "stage1", groups=[group - 1])
     elif recipe.method == "moe" and recipe.stage == 1:
         model = _stage1_model(recipe, moelpr)
@@ -74,43 +76,69 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     elif recipe.method == "moe":
         model = _stage2_model(recipe, moelpr)
         if not any(c.role == "old" for c in corpora):
-            raise UserError("stage 2 needs old-language replay data but no corpus has role: old; add one "
-                            "(max_docs limits how many documents are replayed)")
+            raise UserError(
+                "stage 2 needs old-language replay data but no corpus has role: old; add one "
+                "(max_docs limits how many documents are replayed)"
+            )
         layermoe.setup_classifiers(model, recipe, corpora)  # LayerMoE: classifiers train with the routers
         moelpr.set_trainable(model, "stage2")
     else:
         model = moelpr.load_model(recipe.model)
         if isinstance(model, moelpr.MoELPRForCausalLM):
-            raise UserError(f"method: {recipe.method} is a baseline on the dense model; {recipe.model} is an MoE-LPR model")
+            raise UserError(
+                f"method: {recipe.method} is a baseline on the dense model; {recipe.model} is an MoE-LPR model"
+            )
         if recipe.method == "full":
             moelpr.set_trainable(model, "all")
         elif recipe.method == "loramoe":
-            model = moelpr.loramoe(model, num_experts=recipe.loramoe_experts, rank=recipe.lora_rank,
-                                   alpha=recipe.lora_alpha)
+            model = moelpr.loramoe(
+                model, num_experts=recipe.loramoe_experts, rank=recipe.lora_rank, alpha=recipe.lora_alpha
+            )
             model.config.base_model_path = str(Path(recipe.model).resolve())
         else:
             model = _baselines().prepare_baseline(
-                recipe.method, model, lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha,
-                lora_target=recipe.lora_target, llama_pro_blocks=recipe.llama_pro_blocks,
-                llama_pro_every=recipe.llama_pro_every, verbose=False)
+                recipe.method,
+                model,
+                lora_rank=recipe.lora_rank,
+                lora_alpha=recipe.lora_alpha,
+                lora_target=recipe.lora_target,
+                llama_pro_blocks=recipe.llama_pro_blocks,
+                llama_pro_every=recipe.llama_pro_every,
+                verbose=False,
+            )
     if recipe.method in ("moe", "moe_one_stage"):
         model.config.completed_stage = recipe.stage - 1  # checkpoints taken during this run are unfinished
     # After the model: with a ZeRO-3 config, TrainingArguments switch on deepspeed.zero.Init for every later
     # from_pretrained, which would hand the upcycle empty partitions; DeepSpeed partitions the full model itself.
     args = _training_arguments(recipe, out_dir / CHECKPOINTS)
-    corpora = [c if c.max_docs is not None or recipe.max_docs is None else dataclasses.replace(c, max_docs=recipe.max_docs)
-               for c in corpora]
+    corpora = [
+        c if c.max_docs is not None or recipe.max_docs is None else dataclasses.replace(c, max_docs=recipe.max_docs)
+        for c in corpora
+    ]
     if args.process_index == 0:
         print(moelpr.parameter_summary(model))
 
     with args.main_process_first(desc="tokenize and pack"):
-        dataset = tokenize_and_pack(corpora, tokenizer, cutoff_len=recipe.cutoff_len, cache_dir=recipe.cache_dir,
-                                    num_proc=recipe.num_proc, streaming=recipe.streaming, on_bad_record=recipe.on_bad_record,
-                                    seed=args.seed if recipe.streaming else None)  # the Trainer shuffles map-style data
+        dataset = tokenize_and_pack(
+            corpora,
+            tokenizer,
+            cutoff_len=recipe.cutoff_len,
+            cache_dir=recipe.cache_dir,
+            num_proc=recipe.num_proc,
+            streaming=recipe.streaming,
+            on_bad_record=recipe.on_bad_record,
+            seed=args.seed if recipe.streaming else None,
+        )  # the Trainer shuffles map-style data
 
     # ---- train ------------------------------------------------------------------------------------------
-    trainer = MoETrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         data_collator=BlockCollator(pad_token_id=tokenizer.pad_token_id), callbacks=callbacks)
+    trainer = MoETrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=BlockCollator(pad_token_id=tokenizer.pad_token_id),
+        callbacks=callbacks,
+    )
     result = trainer.train(resume_from_checkpoint=resume)
 
     # ---- save (main process only; the others wait) ------------------------------------------------------
@@ -119,8 +147,12 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     convergence = trainer.router_convergence(recipe.router_warning_threshold)  # collective: every process
     state_dict = _gathered_state_dict(trainer)  # collective: every process takes part
     if trainer.is_world_process_zero():
-        metrics = {"metrics": result.metrics, "final": _last_logged(trainer.state.log_history),
-                   "log_history": trainer.state.log_history, "recipe": recipe.to_dict()}
+        metrics = {
+            "metrics": result.metrics,
+            "final": _last_logged(trainer.state.log_history),
+            "log_history": trainer.state.log_history,
+            "recipe": recipe.to_dict(),
+        }
         if convergence is not None:
             metrics["router_convergence"] = convergence
             if recipe.method == "moe" and recipe.stage == 2 and convergence["unconverged_layers"]:
@@ -132,20 +164,31 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
 
 # ---- setup helpers ------------------------------------------------------------------------------------------
 
+
 def _stage1_model(recipe: Recipe, moelpr):
     """The dense model upcycled (or, with `continue: true`, an MoE-LPR model to keep training)."""
     model = moelpr.load_model(recipe.model)
     if isinstance(model, moelpr.MoELPRForCausalLM):
         if not recipe.continue_:
-            raise UserError(f"{recipe.model} is already an MoE-LPR model; stage 1 upcycles a dense model "
-                            "(set continue: true to keep training this one)")
+            raise UserError(
+                f"{recipe.model} is already an MoE-LPR model; stage 1 upcycles a dense model "
+                "(set continue: true to keep training this one)"
+            )
         model.config.aux_loss_coef = recipe.aux_loss_coef
         model.config.lpr_loss_coef = model.config.cls_loss_coef = 0.0  # classifiers (if any) are frozen in stage 1
         return model
-    model = moelpr.upcycle(model, num_experts=recipe.experts_per_layer(), top_k=recipe.top_k, layers=recipe.layers,
-                           expert_init=recipe.expert_init, aux_loss_coef=recipe.aux_loss_coef, lpr_loss_coef=0.0,
-                           balance_loss_form=recipe.balance_loss_form, lpr_loss_form=recipe.lpr_loss_form,
-                           lpr_loss_reduction=recipe.lpr_loss_reduction)
+    model = moelpr.upcycle(
+        model,
+        num_experts=recipe.experts_per_layer(),
+        top_k=recipe.top_k,
+        layers=recipe.layers,
+        expert_init=recipe.expert_init,
+        aux_loss_coef=recipe.aux_loss_coef,
+        lpr_loss_coef=0.0,
+        balance_loss_form=recipe.balance_loss_form,
+        lpr_loss_form=recipe.lpr_loss_form,
+        lpr_loss_reduction=recipe.lpr_loss_reduction,
+    )
     model.config.base_model_path = str(Path(recipe.model).resolve())  # the delta format points here
     return model
 
@@ -154,8 +197,10 @@ def _stage2_model(recipe: Recipe, moelpr):
     """The stage-1 model with the stage-2 losses: NTP + γ·LPR, no balance loss."""
     model = moelpr.load_model(recipe.model)
     if not isinstance(model, moelpr.MoELPRForCausalLM):
-        raise UserError(f"stage 2 needs a stage-1 MoE-LPR model; got a dense model at {recipe.model} "
-                        "(run stage 1 first and pass its output_dir as model)")
+        raise UserError(
+            f"stage 2 needs a stage-1 MoE-LPR model; got a dense model at {recipe.model} "
+            "(run stage 1 first and pass its output_dir as model)"
+        )
     model.config.lpr_loss_coef = recipe.lpr_loss_coef
     model.config.lpr_loss_form = recipe.lpr_loss_form
     model.config.lpr_loss_reduction = recipe.lpr_loss_reduction
@@ -190,8 +235,14 @@ def _resume_point(recipe: Recipe, out_dir: Path) -> str | None:
     from moelpr.train.resume import resume_point
 
     finished = (out_dir / "config.json").is_file() or (out_dir / METRICS_FILE).is_file()
-    return resume_point(recipe.training_args, out_dir, out_dir / CHECKPOINTS, overwrite=recipe.overwrite,
-                        finished=finished, main_process=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # torchrun
+    return resume_point(
+        recipe.training_args,
+        out_dir,
+        out_dir / CHECKPOINTS,
+        overwrite=recipe.overwrite,
+        finished=finished,
+        main_process=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+    )  # torchrun
 
 
 def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
@@ -212,8 +263,10 @@ def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
     kwargs.setdefault("report_to", "none")
     if not _has_accelerator():
         if kwargs.get("use_cpu") is False and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("use_cpu: false but this machine has no GPU; several processes train together on CPU "
-                            "only with use_cpu: true (drop the setting)")
+            raise UserError(
+                "use_cpu: false but this machine has no GPU; several processes train together on CPU "
+                "only with use_cpu: true (drop the setting)"
+            )
         kwargs.setdefault("use_cpu", True)  # bf16 on CPU needs it (autocast, float32 master weights); DDP/DeepSpeed too
     if kwargs.get("deepspeed"):
         _require_deepspeed()
@@ -232,12 +285,16 @@ def _check_zero3(recipe: Recipe) -> None:
     from transformers.integrations import deepspeed_config
 
     if recipe.method in ("lora", "llama_pro"):
-        raise UserError(f"method: {recipe.method} cannot save from DeepSpeed ZeRO-3 shards; use "
-                        "recipes/deepspeed/zero2.json (the baselines' parameters fit on every GPU)")
+        raise UserError(
+            f"method: {recipe.method} cannot save from DeepSpeed ZeRO-3 shards; use "
+            "recipes/deepspeed/zero2.json (the baselines' parameters fit on every GPU)"
+        )
     if not deepspeed_config()["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
-        raise UserError("DeepSpeed ZeRO-3 saves the final model from gathered weights; set "
-                        '"stage3_gather_16bit_weights_on_model_save": true under zero_optimization (as '
-                        "recipes/deepspeed/zero3.json)")
+        raise UserError(
+            "DeepSpeed ZeRO-3 saves the final model from gathered weights; set "
+            '"stage3_gather_16bit_weights_on_model_save": true under zero_optimization (as '
+            "recipes/deepspeed/zero3.json)"
+        )
 
 
 def _require_deepspeed() -> None:
@@ -245,8 +302,10 @@ def _require_deepspeed() -> None:
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        raise UserError("the recipe sets deepspeed but DeepSpeed is not installed; "
-                        "pip install 'moelpr[deepspeed]' (or drop the deepspeed setting)")
+        raise UserError(
+            "the recipe sets deepspeed but DeepSpeed is not installed; "
+            "pip install 'moelpr[deepspeed]' (or drop the deepspeed setting)"
+        )
 
 
 def _has_accelerator() -> bool:
@@ -261,12 +320,15 @@ def _convergence_warning(convergence: dict) -> str:
     """One line naming the layers whose old-language tokens still take their output from other experts."""
     weights = dict(zip(convergence["layers"], convergence["old"]["expert0_weight"]))
     shown = ", ".join(f"{layer} ({weights[layer]:.2f})" for layer in convergence["unconverged_layers"])
-    return (f"router convergence: old-language tokens still take more than {convergence['threshold']:.0%} of their "
-            f"output from new experts in MoE layer(s) {shown} (expert 0's weight in the mix); more review steps, "
-            "a larger lpr_loss_coef or lpr_loss_reduction: sum push them back (train_metrics.json: router_convergence)")
+    return (
+        f"router convergence: old-language tokens still take more than {convergence['threshold']:.0%} of their "
+        f"output from new experts in MoE layer(s) {shown} (expert 0's weight in the mix); more review steps, "
+        "a larger lpr_loss_coef or lpr_loss_reduction: sum push them back (train_metrics.json: router_convergence)"
+    )
 
 
 # ---- save ---------------------------------------------------------------------------------------------------
+
 
 def _last_logged(history: list[dict]) -> dict:
     """The last training log entry (the one with `loss`) merged with the end-of-training summary."""
@@ -303,8 +365,9 @@ def _save(model, tokenizer, recipe: Recipe, out_dir: Path, metrics: dict, *, sta
         if recipe.method in ("lora", "llama_pro"):
             _baselines().save_baseline(recipe.method, model, staging, tokenizer, overwrite=True)
         else:
-            moelpr.save_model(model, staging, format=recipe.save_format, tokenizer=tokenizer, overwrite=True,
-                              state_dict=state_dict)
+            moelpr.save_model(
+                model, staging, format=recipe.save_format, tokenizer=tokenizer, overwrite=True, state_dict=state_dict
+            )
         atomic_write_json(staging / METRICS_FILE, metrics)
         checkpoints = out_dir / CHECKPOINTS
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):

@@ -75,8 +75,11 @@ class MoETrainer(Trainer):
         training = model.training
         ga = self.current_gradient_accumulation_steps if training else 1
         # With a global token count, the LM term is a sum / global count: ×world_size undoes DDP's averaging.
-        world = self.accelerator.num_processes if (num_items_in_batch is not None and
-                                                   self.args.average_tokens_across_devices) else 1
+        world = (
+            self.accelerator.num_processes
+            if (num_items_in_batch is not None and self.args.average_tokens_across_devices)
+            else 1
+        )
 
         if not isinstance(unwrapped, MoELPRForCausalLM):  # baselines: a dense (or PEFT-wrapped) causal LM
             inputs = {k: v for k, v in inputs.items() if k not in ("lang_mask", "lang_group")}
@@ -90,8 +93,9 @@ class MoETrainer(Trainer):
 
         cfg = unwrapped.config
         self._classifier_logits.clear()  # (a gradient-checkpointing recompute may have added some)
-        out = model(**inputs, num_items_in_batch=num_items_in_batch, output_router_logits=True,
-                    compute_logits=not training)
+        out = model(
+            **inputs, num_items_in_batch=num_items_in_batch, output_router_logits=True, compute_logits=not training
+        )
         lm = out.lm_loss * world if num_items_in_batch is not None else out.lm_loss / ga
         loss = lm
         terms = {"lm_loss": lm}
@@ -115,7 +119,9 @@ class MoETrainer(Trainer):
             self._add_classifier_metrics(cfg, inputs)
         return (loss, out) if return_outputs else loss
 
-    def _lpr_share(self, lpr: torch.Tensor, lang_mask: torch.Tensor, ga: int, world: int, training: bool) -> torch.Tensor:
+    def _lpr_share(
+        self, lpr: torch.Tensor, lang_mask: torch.Tensor, ga: int, world: int, training: bool
+    ) -> torch.Tensor:
         """This micro-batch's part of the global-batch LPR mean (its old tokens / all old tokens)."""
         total = self._old_tokens_in_batch if training else None
         if total is None:
@@ -165,8 +171,17 @@ class MoETrainer(Trainer):
         if not self._routing:
             return None
         roles = [r for r in ROLES if r in self._routing]
-        parts = [torch.tensor([float(self._routing[r].tokens), *map(float, self._routing[r].top_k_has_expert0),
-                               *self._routing[r].expert0_weight_sum], dtype=torch.float64) for r in roles]
+        parts = [
+            torch.tensor(
+                [
+                    float(self._routing[r].tokens),
+                    *map(float, self._routing[r].top_k_has_expert0),
+                    *self._routing[r].expert0_weight_sum,
+                ],
+                dtype=torch.float64,
+            )
+            for r in roles
+        ]
         parts += [torch.stack([p[0] for p in self._routing[r].prob_sum]) for r in roles]  # expert 0's prob sums
         flat = torch.cat(parts)
         if self.accelerator.num_processes > 1:
@@ -174,14 +189,17 @@ class MoETrainer(Trainer):
         layers = len(self._routing[roles[0]].prob_sum)
         self._routing = {}
         counts = flat[: len(roles) * (1 + 2 * layers)].view(len(roles), 1 + 2 * layers)  # (roles, 1 + 2L)
-        probs = flat[len(roles) * (1 + 2 * layers):].view(len(roles), layers)  # (roles, L)
+        probs = flat[len(roles) * (1 + 2 * layers) :].view(len(roles), layers)  # (roles, L)
         out = {}
         for r, row, prob in zip(roles, counts, probs):
             n = row[0].item()
             if n:  # a role with no token in the window (e.g. no old text in stage 1) reports nothing
-                out[r] = {"tokens": int(n), "expert0_prob": (prob / n).tolist(),
-                          "expert0_in_topk": (row[1:1 + layers] / n).tolist(),
-                          "expert0_weight": (row[1 + layers:] / n).tolist()}
+                out[r] = {
+                    "tokens": int(n),
+                    "expert0_prob": (prob / n).tolist(),
+                    "expert0_in_topk": (row[1 : 1 + layers] / n).tolist(),
+                    "expert0_weight": (row[1 + layers :] / n).tolist(),
+                }
         return out
 
     def router_convergence(self, threshold: float) -> dict | None:
@@ -194,8 +212,11 @@ class MoETrainer(Trainer):
             return None
         self._last_routing = window
         layers = self._moe_layers()
-        unconverged = [layer for layer, w in zip(layers, window["old"]["expert0_weight"]) if 1.0 - w > threshold] \
-            if "old" in window else []
+        unconverged = (
+            [layer for layer, w in zip(layers, window["old"]["expert0_weight"]) if 1.0 - w > threshold]
+            if "old" in window
+            else []
+        )
         return {"layers": layers, "threshold": threshold, "unconverged_layers": unconverged, **window}
 
     def _moe_layers(self) -> list[int]:
@@ -209,8 +230,12 @@ class MoETrainer(Trainer):
         from moelpr.model.classifier import group_labels
 
         mask = inputs.get("attention_mask")
-        targets = group_labels(inputs["lang_group"], mask if mask is not None and mask.dim() == 2 else None,
-                               cfg.classifier_groups, cfg.classifier_pooling)  # (B,) or (N,), −100 = padding
+        targets = group_labels(
+            inputs["lang_group"],
+            mask if mask is not None and mask.dim() == 2 else None,
+            cfg.classifier_groups,
+            cfg.classifier_pooling,
+        )  # (B,) or (N,), −100 = padding
         valid = targets != -100
         for logits in self._classifier_logits:
             hits = (logits.argmax(dim=-1) == targets.to(logits.device)) & valid.to(logits.device)
@@ -229,7 +254,9 @@ class MoETrainer(Trainer):
             for name in ("lm_loss", "aux_loss", "lpr_loss", "cls_loss"):
                 if name in values:  # summed over micro-batches and processes: the mean per step and process
                     logs[name] = round(values[name] / steps, 6)
-            experts = sorted(int(n[2:-4]) for n in values if n.startswith("_p") and n.endswith("_sum") and n[2:-4].isdigit())
+            experts = sorted(
+                int(n[2:-4]) for n in values if n.startswith("_p") and n.endswith("_sum") and n[2:-4].isdigit()
+            )
             for e in experts:
                 logs[f"router_prob/expert_{e}"] = round(values[f"_p{e}_sum"] / max(values[f"_p{e}_n"], 1.0), 6)
             if values.get("_cls_n"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from analysis_helpers import WORDS
 
 
@@ -29,7 +28,11 @@ def tiny_llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     return AutoModelForCausalLM.from_config(config).eval()

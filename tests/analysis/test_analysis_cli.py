@@ -122,12 +122,16 @@ def _corpora_file(tmp_path, registry, corpora):
 
 
 def test_similarity_end_to_end_then_allocate(tmp_path, fake_corpora, saved_model):
-    corpora = _corpora_file(tmp_path, fake_corpora, [
-        _Corpus("en-a", "en", "old", make_texts("en", 5)),
-        _Corpus("tr", "tr", "new", make_texts("tr", 20)),
-        _Corpus("en-b", "en", "old", make_texts("en", 20, seed=1)),
-        _Corpus("hu", "hu", "new", make_texts("hu", 20)),
-    ])
+    corpora = _corpora_file(
+        tmp_path,
+        fake_corpora,
+        [
+            _Corpus("en-a", "en", "old", make_texts("en", 5)),
+            _Corpus("tr", "tr", "new", make_texts("tr", 20)),
+            _Corpus("en-b", "en", "old", make_texts("en", 20, seed=1)),
+            _Corpus("hu", "hu", "new", make_texts("hu", 20)),
+        ],
+    )
     out = tmp_path / "similarity.json"
     argv = ["similarity", "--model", str(saved_model), "--corpora", str(corpora), "--output", str(out)]
     assert main(argv + ["--tokens", "100", "--batch-size", "3", "--device", "cpu"]) == 0
@@ -147,11 +151,15 @@ def test_similarity_end_to_end_then_allocate(tmp_path, fake_corpora, saved_model
 
 
 def test_similarity_new_override(tmp_path, fake_corpora, saved_model):
-    corpora = _corpora_file(tmp_path, fake_corpora, [
-        _Corpus("en", "en", "old", make_texts("en", 10)),
-        _Corpus("tr", "tr", "new", make_texts("tr", 10)),
-        _Corpus("hu", "hu", "new", make_texts("hu", 10)),
-    ])
+    corpora = _corpora_file(
+        tmp_path,
+        fake_corpora,
+        [
+            _Corpus("en", "en", "old", make_texts("en", 10)),
+            _Corpus("tr", "tr", "new", make_texts("tr", 10)),
+            _Corpus("hu", "hu", "new", make_texts("hu", 10)),
+        ],
+    )
     out = tmp_path / "similarity.json"
     argv = ["similarity", "--model", str(saved_model), "--corpora", str(corpora), "--output", str(out)]
     assert main(argv + ["--tokens", "40", "--new", "hu", "--device", "cpu"]) == 0
@@ -198,9 +206,14 @@ def test_similarity_and_allocate_on_a_saved_moelpr_model(tmp_path, fake_corpora,
     model_dir = tmp_path / "moe"
     moe = moelpr.upcycle(copy.deepcopy(tiny_llama), num_experts=2)
     moelpr.save_model(moe, model_dir, format="full", tokenizer=tiny_tokenizer)
-    corpora = _corpora_file(tmp_path, fake_corpora, [
-        _Corpus("en", "en", "old", make_texts("en", 6)), _Corpus("tr", "tr", "new", make_texts("tr", 6)),
-    ])
+    corpora = _corpora_file(
+        tmp_path,
+        fake_corpora,
+        [
+            _Corpus("en", "en", "old", make_texts("en", 6)),
+            _Corpus("tr", "tr", "new", make_texts("tr", 6)),
+        ],
+    )
     out = tmp_path / "similarity.json"
     argv = ["similarity", "--model", str(model_dir), "--corpora", str(corpora), "--output", str(out)]
     assert main(argv + ["--tokens", "30", "--device", "cpu"]) == 0

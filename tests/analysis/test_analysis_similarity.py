@@ -188,7 +188,9 @@ def test_cuda_bf16_matches_cpu(tiny_llama, tiny_tokenizer):
     roles = {"en": "old", "tr": "new", "hu": "new"}
     cpu = compute_similarity(tiny_llama, tiny_tokenizer, texts, roles, tokens=150)
     cuda32 = compute_similarity(copy.deepcopy(tiny_llama).cuda(), tiny_tokenizer, texts, roles, tokens=150)
-    bf16 = compute_similarity(copy.deepcopy(tiny_llama).to("cuda", torch.bfloat16), tiny_tokenizer, texts, roles, tokens=150)
+    bf16 = compute_similarity(
+        copy.deepcopy(tiny_llama).to("cuda", torch.bfloat16), tiny_tokenizer, texts, roles, tokens=150
+    )
     for a, b, c in zip(cpu["per_layer"], cuda32["per_layer"], bf16["per_layer"]):
         assert a["pairs"] == pytest.approx(b["pairs"], abs=1e-4)
         assert a["pairs"] == pytest.approx(c["pairs"], abs=3e-2)

@@ -6,16 +6,30 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import tiny_model
 
 import moelpr
-from moelpr.analysis.memory import (ActivationProfile, DenseShape, Engine, MoELayout, TrainingSetup, extrapolate,
-                                    parameter_counts, plan)
-from tiny import tiny_model
+from moelpr.analysis.memory import (
+    ActivationProfile,
+    DenseShape,
+    Engine,
+    MoELayout,
+    TrainingSetup,
+    extrapolate,
+    parameter_counts,
+    plan,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = MoELayout(num_experts=4, top_k=2)
-SHAPE = DenseShape(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=1000)
+SHAPE = DenseShape(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+)
 NO_ACTIVATIONS = ActivationProfile(0, 0, 0, 0, 0, 0, 0, 0)
 
 
@@ -51,8 +65,12 @@ def test_single_process_fp32_is_weights_gradients_and_two_moments():
     setup = TrainingSetup(stage=1, micro_batch=1, seq_len=8, precision="fp32")
     p = plan(SHAPE, LAYOUT, setup, Engine("single"), NO_ACTIVATIONS)
     counts = parameter_counts(SHAPE, LAYOUT)
-    assert (p.weights, p.gradients, p.moments, p.master) == (4 * counts.total, 4 * counts.trainable(1),
-                                                             8 * counts.trainable(1), 0)
+    assert (p.weights, p.gradients, p.moments, p.master) == (
+        4 * counts.total,
+        4 * counts.trainable(1),
+        8 * counts.trainable(1),
+        0,
+    )
     assert p.peak == p.weights + p.gradients + p.moments and p.peak_phase == "optimizer step"
 
 
@@ -91,9 +109,11 @@ def test_zero3_charges_the_live_parameter_bound_of_its_config():
     assert zero3.name == "zero3" and zero3.max_live_parameters == 10**9 and zero3.reduce_bucket_size is None
     setup = TrainingSetup(stage=2, micro_batch=1, seq_len=8)
     total = parameter_counts(SHAPE, LAYOUT).total
-    gathered = {live: plan(SHAPE, LAYOUT, setup, Engine("zero3", 8, max_live_parameters=live), NO_ACTIVATIONS).buffers
-                for live in (zero3.max_live_parameters, 1000)}
-    resident = 2 * SHAPE.hidden_size ** 2  # the "auto" reduce bucket, H² bf16 elements
+    gathered = {
+        live: plan(SHAPE, LAYOUT, setup, Engine("zero3", 8, max_live_parameters=live), NO_ACTIVATIONS).buffers
+        for live in (zero3.max_live_parameters, 1000)
+    }
+    resident = 2 * SHAPE.hidden_size**2  # the "auto" reduce bucket, H² bf16 elements
     assert gathered == {10**9: resident + 2 * total, 1000: resident + 2 * 1000}  # min(max_live, Ψ) bf16
 
 
@@ -118,7 +138,9 @@ def test_gradient_accumulation_keeps_the_gradients_resident():
     base = TrainingSetup(stage=1, micro_batch=1, seq_len=8, precision="fp32")
     heavy = ActivationProfile(0, 0, 0, 0, 0, 0, 0, 10**9)
     fresh = plan(SHAPE, LAYOUT, base, Engine("single"), heavy)
-    accumulating = plan(SHAPE, LAYOUT, base, Engine("single"), ActivationProfile(0, 0, 0, 0, 0, 0, 0, 10**9, fresh=False))
+    accumulating = plan(
+        SHAPE, LAYOUT, base, Engine("single"), ActivationProfile(0, 0, 0, 0, 0, 0, 0, 10**9, fresh=False)
+    )
     assert accumulating.peak - fresh.peak == pytest.approx(fresh.gradients)  # all .grad alive in the loss backward
     with pytest.raises(ValueError, match="fresh=False"):
         plan(SHAPE, LAYOUT, TrainingSetup(stage=1, micro_batch=1, seq_len=8, grad_accum=4), Engine("ddp"), heavy)
@@ -126,14 +148,26 @@ def test_gradient_accumulation_keeps_the_gradients_resident():
 
 def test_extrapolation_is_exact_for_the_scaling_law():
     def law(s):
-        return 7e6 / s ** 2 + 3e3 / s
+        return 7e6 / s**2 + 3e3 / s
+
     assert extrapolate({8: law(8), 16: law(16)}) == pytest.approx(law(1))
 
 
 def test_replica_divides_every_width():
-    replica = DenseShape(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
-                         num_key_value_heads=16, vocab_size=151936).scaled(16)
-    assert (replica.hidden_size, replica.intermediate_size, replica.head_size, replica.vocab_size) == (128, 344, 8, 9496)
+    replica = DenseShape(
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=151936,
+    ).scaled(16)
+    assert (replica.hidden_size, replica.intermediate_size, replica.head_size, replica.vocab_size) == (
+        128,
+        344,
+        8,
+        9496,
+    )
     assert replica.num_attention_heads == 16 and replica.num_hidden_layers == 3
     with pytest.raises(ValueError, match="does not divide"):
         SHAPE.scaled(3)

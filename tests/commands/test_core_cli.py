@@ -19,8 +19,24 @@ def dense_dir(tmp_path):
 
 def test_upcycle_and_info(dense_dir, tmp_path, capsys):
     out = tmp_path / "moe"
-    assert main(["upcycle", "--model", str(dense_dir), "--num-experts", "3", "--top-k", "2", "--layers", "0,2",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                "--model",
+                str(dense_dir),
+                "--num-experts",
+                "3",
+                "--top-k",
+                "2",
+                "--layers",
+                "0,2",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["experts_per_layer"] == [3, 1, 3]
     assert main(["info", str(out)]) == 0
@@ -35,12 +51,15 @@ def test_upcycle_delta_format(dense_dir, tmp_path):
     assert main(["info", str(out)]) == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--num-experts", "1"], "num_experts must be at least 2"),
-    (["--top-k", "9"], "top_k must be between 1"),
-    (["--num-experts", "2,2"], "lists 2 counts but the model has 3 layers"),
-    (["--layers", "0,5"], "unknown layer index 5"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-experts", "1"], "num_experts must be at least 2"),
+        (["--top-k", "9"], "top_k must be between 1"),
+        (["--num-experts", "2,2"], "lists 2 counts but the model has 3 layers"),
+        (["--layers", "0,5"], "unknown layer index 5"),
+    ],
+)
 def test_upcycle_bad_input_exit_2(dense_dir, tmp_path, capsys, args, message):
     out = tmp_path / "moe"
     assert main(["upcycle", "--model", str(dense_dir), "--output", str(out), *args]) == 2

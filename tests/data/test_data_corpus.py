@@ -70,8 +70,9 @@ def test_paths_lists_globs_and_directories_expand_in_order(tmp_path, jsonl):
 
 def test_new_corpus_may_set_lifelong_group(tmp_path, jsonl):
     jsonl(tmp_path / "bn.jsonl", ["x"])
-    (corpus,) = load_corpora([{"name": "bn", "path": "bn.jsonl", "language": "bn", "role": "new", "group": 2}],
-                             base_dir=tmp_path)
+    (corpus,) = load_corpora(
+        [{"name": "bn", "path": "bn.jsonl", "language": "bn", "role": "new", "group": 2}], base_dir=tmp_path
+    )
     assert corpus.group == 2
 
 
@@ -180,8 +181,11 @@ def test_every_format_reads_the_same_documents(tmp_path, jsonl):
     import pyarrow.parquet as pq
 
     docs = ["first doc", "second δεύτερο", "third"]
-    files = [jsonl(tmp_path / "a.jsonl", docs), jsonl(tmp_path / "b.jsonl.gz", docs, gz=True),
-             jsonl(tmp_path / "lines.json", docs)]
+    files = [
+        jsonl(tmp_path / "a.jsonl", docs),
+        jsonl(tmp_path / "b.jsonl.gz", docs, gz=True),
+        jsonl(tmp_path / "lines.json", docs),
+    ]
     (tmp_path / "arr.json").write_text(json.dumps([{"text": d} for d in docs], indent=2))
     with gzip.open(tmp_path / "arr.json.gz", "wt", encoding="utf-8") as f:
         json.dump([{"text": d} for d in docs], f)

@@ -43,19 +43,26 @@ def test_mask_and_group_survive_packing_at_document_boundaries(tokenizer, mixed)
     assert ds["lang_group"] == [[0, 0, 0, 0], [0, 1, 1, 1], [1, 2, 2, 2]]
     assert ds["language"] == ["en", "el", "bn"]  # the language with most tokens in the block
     assert {k: str(v.feature.dtype) for k, v in ds.features.items() if k != "language"} == {
-        "input_ids": "int32", "lang_mask": "int8", "lang_group": "int8"}
+        "input_ids": "int32",
+        "lang_mask": "int8",
+        "lang_group": "int8",
+    }
 
 
 def test_dominant_language_tie_goes_to_the_first_corpus(tokenizer, tmp_path, jsonl):
-    corpora = [_corpus("en", jsonl(tmp_path / "en.jsonl", ["a"]), "old"),
-               _corpus("el", jsonl(tmp_path / "el.jsonl", ["b"]), "new")]
+    corpora = [
+        _corpus("en", jsonl(tmp_path / "en.jsonl", ["a"]), "old"),
+        _corpus("el", jsonl(tmp_path / "el.jsonl", ["b"]), "new"),
+    ]
     ds = tokenize_and_pack(corpora, tokenizer, cutoff_len=4)
     assert (ds["lang_mask"], ds["language"]) == ([[1, 1, 0, 0]], ["en"])
 
 
 def test_max_docs_limits_each_corpus(tokenizer, tmp_path, jsonl):
-    corpora = [_corpus("en", jsonl(tmp_path / "en.jsonl", ["a", "b", "c", "d"]), "old", max_docs=2),
-               _corpus("el", jsonl(tmp_path / "el.jsonl", ["e", "f"]), "new")]
+    corpora = [
+        _corpus("en", jsonl(tmp_path / "en.jsonl", ["a", "b", "c", "d"]), "old", max_docs=2),
+        _corpus("el", jsonl(tmp_path / "el.jsonl", ["e", "f"]), "new"),
+    ]
     ds = tokenize_and_pack(corpora, tokenizer, cutoff_len=2)
     assert [row[0] for row in ds["input_ids"]] == [_ids(tokenizer, w)[0] for w in "a b e f".split()]
 
@@ -70,8 +77,13 @@ def _random_corpora(tmp_path: Path, jsonl) -> list[Corpus]:
     return [
         _corpus("en", jsonl(tmp_path / "en.jsonl", docs(40)), "old"),
         _corpus("el", jsonl(tmp_path / "el.jsonl.gz", docs(30), gz=True), "new"),
-        Corpus(name="hu", paths=[str(jsonl(tmp_path / f"hu{i}.jsonl", docs(n))) for i, n in ((1, 7), (2, 9))],
-               language="hu", role="new", group=2),
+        Corpus(
+            name="hu",
+            paths=[str(jsonl(tmp_path / f"hu{i}.jsonl", docs(n))) for i, n in ((1, 7), (2, 9))],
+            language="hu",
+            role="new",
+            group=2,
+        ),
     ]
 
 

@@ -91,12 +91,23 @@ def test_list_manpages_skips_links_and_other_trees(man_root: Path) -> None:
 
 def test_extract_paragraphs_joins_wrapped_lines_and_drops_headings() -> None:
     long = "word " * 190  # 7 + 950 columns: near the 1000-column limit, so the next line continues it
-    rendered = "\n".join([
-        "TOOL(1)        General Commands Manual        TOOL(1)", "", "NAME", "       tool - fake", "",
-        "DESCRIPTION", "       " + long.strip(), "       end of the wrapped paragraph.",
-        "       A separate line.", "", "       -v, --verbose   Explain what is being done.", "",
-        "fake 1.0        2024        TOOL(1)",
-    ])
+    rendered = "\n".join(
+        [
+            "TOOL(1)        General Commands Manual        TOOL(1)",
+            "",
+            "NAME",
+            "       tool - fake",
+            "",
+            "DESCRIPTION",
+            "       " + long.strip(),
+            "       end of the wrapped paragraph.",
+            "       A separate line.",
+            "",
+            "       -v, --verbose   Explain what is being done.",
+            "",
+            "fake 1.0        2024        TOOL(1)",
+        ]
+    )
     paragraphs = extract_paragraphs(rendered)
     assert paragraphs[0] == "tool - fake"
     assert paragraphs[1].endswith("word end of the wrapped paragraph.") and paragraphs[2] == "A separate line."
@@ -107,7 +118,7 @@ def test_extract_paragraphs_joins_wrapped_lines_and_drops_headings() -> None:
 def test_is_prose_and_clean() -> None:
     assert is_prose(EN[0]) and is_prose(TR[0])
     assert not is_prose("-c, --count")
-    assert not is_prose("int main(int argc, char **argv) { return printf(\"%d\\n\", argc); }")
+    assert not is_prose('int main(int argc, char **argv) { return printf("%d\\n", argc); }')
     assert not is_prose("320   208   D0   Đ   LATIN CAPITAL LETTER D WITH STROKE")
     assert is_prose("校验和按照描述的方式进行计算在校验过程中其输入内容应当")  # 26 CJK characters = 52 columns
     assert clean("这是 一个  测试 of  text") == "这是一个测试 of text"
@@ -118,7 +129,11 @@ def test_is_prose_and_clean() -> None:
 def test_build_fake_corpus(man_root: Path, tmp_path: Path, workers: int) -> None:
     out = tmp_path / "corpus"
     corpora = build_manpage_corpus(
-        out, languages_old=("en",), languages_new=("tr",), man_root=man_root, heldout_fraction=0.25,
+        out,
+        languages_old=("en",),
+        languages_new=("tr",),
+        man_root=man_root,
+        heldout_fraction=0.25,
         workers=workers,
     )
     assert corpora == out / "corpora.yaml"
@@ -143,27 +158,41 @@ def test_build_fake_corpus(man_root: Path, tmp_path: Path, workers: int) -> None
     assert stats["en"]["paragraphs_short_or_code"] > 0  # NAME lines, synopses, option tags
 
     again = build_manpage_corpus(
-        tmp_path / "again", languages_old=("en",), languages_new=("tr",), man_root=man_root,
-        heldout_fraction=0.25, workers=1,
+        tmp_path / "again",
+        languages_old=("en",),
+        languages_new=("tr",),
+        man_root=man_root,
+        heldout_fraction=0.25,
+        workers=1,
     )
     assert (again.parent / "train/tr.jsonl").read_bytes() == (out / "train/tr.jsonl").read_bytes()
 
 
 @needs_renderer
 def test_validation_split_is_disjoint_and_keeps_the_test_pages(man_root: Path, tmp_path: Path) -> None:
-    kw = {"languages_old": ("en",), "languages_new": ("tr",), "man_root": man_root, "heldout_fraction": 0.25,
-          "workers": 1}
+    kw = {
+        "languages_old": ("en",),
+        "languages_new": ("tr",),
+        "man_root": man_root,
+        "heldout_fraction": 0.25,
+        "workers": 1,
+    }
     without = build_manpage_corpus(tmp_path / "without", **kw).parent
     with_val = build_manpage_corpus(tmp_path / "with", validation_fraction=0.25, **kw).parent
     assert not (without / "validation.yaml").exists()
     spec = yaml.safe_load((with_val / "validation.yaml").read_text())
-    assert [(e["language"], e["role"], e["path"]) for e in spec] == [("en", "old", "validation/en.jsonl"),
-                                                                      ("tr", "new", "validation/tr.jsonl")]
+    assert [(e["language"], e["role"], e["path"]) for e in spec] == [
+        ("en", "old", "validation/en.jsonl"),
+        ("tr", "new", "validation/tr.jsonl"),
+    ]
     for lang in ("en", "tr"):
         splits = {split: _docs(with_val / split / f"{lang}.jsonl") for split in ("train", "validation", "heldout")}
         assert all(splits.values())
-        assert not (set(splits["train"]) & set(splits["validation"]) or set(splits["train"]) & set(splits["heldout"])
-                    or set(splits["validation"]) & set(splits["heldout"]))
+        assert not (
+            set(splits["train"]) & set(splits["validation"])
+            or set(splits["train"]) & set(splits["heldout"])
+            or set(splits["validation"]) & set(splits["heldout"])
+        )
         assert sum(map(len, splits.values())) == 8
         assert splits["heldout"] == _docs(without / "heldout" / f"{lang}.jsonl")  # test pages do not move
     with pytest.raises(UserError, match="leave training text"):
@@ -181,8 +210,15 @@ def test_renderers_agree() -> None:
 @needs_renderer
 def test_build_caps_characters(man_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "capped"
-    build_manpage_corpus(out, languages_old=("en",), languages_new=("tr",), man_root=man_root,
-                         max_chars_per_language=300, max_docs_per_language=5, workers=1)
+    build_manpage_corpus(
+        out,
+        languages_old=("en",),
+        languages_new=("tr",),
+        man_root=man_root,
+        max_chars_per_language=300,
+        max_docs_per_language=5,
+        workers=1,
+    )
     stats = json.loads((out / "corpus_stats.json").read_text())["languages"]
     assert all(s["train_chars"] <= 300 and s["docs"] <= 5 for s in stats.values())
 
@@ -196,8 +232,9 @@ def test_bad_input_is_a_user_error(man_root: Path, tmp_path: Path) -> None:
         with pytest.raises(UserError, match=r"no man pages found for language 'hu'.*install_manpages\.sh"):
             build_manpage_corpus(tmp_path / "c", languages_old=("en",), languages_new=("hu",), man_root=man_root)
     with pytest.raises(UserError, match="unknown renderer"):
-        build_manpage_corpus(tmp_path / "d", languages_old=("en",), languages_new=("tr",), man_root=man_root,
-                             renderer="troff")
+        build_manpage_corpus(
+            tmp_path / "d", languages_old=("en",), languages_new=("tr",), man_root=man_root, renderer="troff"
+        )
     assert not (tmp_path / "c").exists()
 
 

@@ -19,8 +19,9 @@ def _corpora(tmp_path: Path) -> list:
     rows = []
     for lang, role, word, pages in (("en", "old", "apple", 10), ("tr", "new", "elma", 12), ("hu", "new", "alma", 12)):
         path = tmp_path / f"{lang}.jsonl"
-        path.write_text("".join(json.dumps({"text": f"{lang} page {i}: " + f"{word} " * (20 + i)}) + "\n"
-                                for i in range(pages)))
+        path.write_text(
+            "".join(json.dumps({"text": f"{lang} page {i}: " + f"{word} " * (20 + i)}) + "\n" for i in range(pages))
+        )
         rows.append({"name": lang, "path": path.name, "language": lang, "role": role})
     (tmp_path / "corpora.yaml").write_text(yaml.safe_dump(rows))
     return load_corpora(tmp_path / "corpora.yaml")
@@ -54,11 +55,13 @@ def test_pretraining_mix_holds_a_stated_share_of_pages_the_pool_lacks(tmp_path: 
 def test_mixes_come_from_the_pool_with_review_scales(tmp_path: Path) -> None:
     corpora = _corpora(tmp_path)
     build_pretraining_mix(corpora, tmp_path / "pretrain", new_share=0.2)
-    tokenizer = train_tokenizer(tmp_path / "pretrain/base.yaml", tmp_path / "tok", vocab_size=300,
-                                languages=["en", "tr", "hu"])
+    tokenizer = train_tokenizer(
+        tmp_path / "pretrain/base.yaml", tmp_path / "tok", vocab_size=300, languages=["en", "tr", "hu"]
+    )
     pool, base = load_corpora(tmp_path / "pretrain/pool.yaml"), load_corpora(tmp_path / "pretrain/base.yaml")
-    data = build_mixes(pool, base, tokenizer, tmp_path / "data", new_tokens=60, replay_tokens=20,
-                       review_scales=(0.5, 2.0))
+    data = build_mixes(
+        pool, base, tokenizer, tmp_path / "data", new_tokens=60, replay_tokens=20, review_scales=(0.5, 2.0)
+    )
     stats = json.loads((data / "mix_stats.json").read_text())
     base_pages = set(_texts(tmp_path / "pretrain/base.yaml", "tr"))
     stage1 = _texts(data / "stage1.yaml", "tr")
@@ -66,7 +69,8 @@ def test_mixes_come_from_the_pool_with_review_scales(tmp_path: Path) -> None:
     assert set(_texts(data / "base.yaml", "tr")) == base_pages
     assert stats["per_language"]["tr"]["stage1"] == 60 and stats["stage1_tokens"] == 120
     assert stats["base_new_token_share"] == pytest.approx(
-        (stats["base_tokens"]["tr"] + stats["base_tokens"]["hu"]) / sum(stats["base_tokens"].values()))
+        (stats["base_tokens"]["tr"] + stats["base_tokens"]["hu"]) / sum(stats["base_tokens"].values())
+    )
     for scale in (0.5, 1.0, 2.0):
         review = stats["reviews"][review_name(scale)]
         assert review["replay_tokens"] == round(scale * 20)  # one old language

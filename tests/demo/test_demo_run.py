@@ -26,8 +26,9 @@ def _manpages_installed() -> bool:
     return proc.returncode == 0 and proc.stdout.count("install ok installed") == len(MANPAGE_PACKAGES)
 
 
-needs_manpages = pytest.mark.skipif(not _manpages_installed(), reason="needs the man-page packages "
-                                    "(bash scripts/install_manpages.sh)")
+needs_manpages = pytest.mark.skipif(
+    not _manpages_installed(), reason="needs the man-page packages (bash scripts/install_manpages.sh)"
+)
 
 
 def _demo(capsys, *args) -> tuple[int, str, str]:
@@ -73,8 +74,13 @@ def test_quick_demo_writes_results_report_and_figures(quick_run):
     assert len(results["claims"]) == 6 and all(isinstance(c["reproduced"], bool) for c in results["claims"])
     report = (out / "results.md").read_text()
     assert "Does the paper's claim reproduce here?" in report and "| moe_lpr |" in report
-    for name in ("old_vs_new.png", "router_expert0.png", "router_expert0_layers.png", "review_curve.png",
-                 "gamma_tradeoff.png"):
+    for name in (
+        "old_vs_new.png",
+        "router_expert0.png",
+        "router_expert0_layers.png",
+        "review_curve.png",
+        "gamma_tradeoff.png",
+    ):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert name in report
     sweeps = results["sweeps"]
@@ -95,8 +101,9 @@ def test_quick_demo_writes_results_report_and_figures(quick_run):
     assert by_run["moe_lpr"]["validation"]["ppl"] == results["methods"]["moe_lpr"]["validation"]["ppl"]
     probes = results["probes"]["moe_lpr"]
     assert [p["layer"] for p in probes] == list(range(QUICK.num_layers))
-    assert all(0 <= p["lpr_only"]["mean_p0_old"] <= 1 and 0.5 <= p["separate"]["balanced_accuracy"] <= 1
-               for p in probes)
+    assert all(
+        0 <= p["lpr_only"]["mean_p0_old"] <= 1 and 0.5 <= p["separate"]["balanced_accuracy"] <= 1 for p in probes
+    )
     effects = results["dense_layer"]["moe_lpr"]
     assert [e["layer"] for e in effects] == list(range(QUICK.num_layers))
     assert "Where MoE-LPR's remaining forgetting sits" in report
@@ -124,8 +131,11 @@ def test_rerun_reuses_everything(quick_run, capsys):
     assert code == 0, err
     assert time.monotonic() - start < 30  # nothing is trained or evaluated again
     assert (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns == before
-    finished = [line.split()[1] for line in stdout.splitlines()
-                if line.startswith("[demo] ") and line.split()[1] in METHODS and "old ppl" in line]
+    finished = [
+        line.split()[1]
+        for line in stdout.splitlines()
+        if line.startswith("[demo] ") and line.split()[1] in METHODS and "old ppl" in line
+    ]
     assert finished == list(METHODS)  # one line per method, in order
 
 
@@ -168,11 +178,29 @@ def test_non_demo_directory_is_refused(tmp_path, capsys):
 
 
 def test_corpora_needs_validation_heldout_and_existing_files(tmp_path, capsys):
-    code, _, err = _demo(capsys, "--output", tmp_path / "a", "--quick", "--corpora", tmp_path / "c.yaml",
-                         "--heldout", tmp_path / "h.yaml")
+    code, _, err = _demo(
+        capsys,
+        "--output",
+        tmp_path / "a",
+        "--quick",
+        "--corpora",
+        tmp_path / "c.yaml",
+        "--heldout",
+        tmp_path / "h.yaml",
+    )
     _one_line_error(code, err, "--validation", "--heldout")
-    code, _, err = _demo(capsys, "--output", tmp_path / "b", "--quick", "--corpora", tmp_path / "c.yaml",
-                         "--validation", tmp_path / "v.yaml", "--heldout", tmp_path / "h.yaml")
+    code, _, err = _demo(
+        capsys,
+        "--output",
+        tmp_path / "b",
+        "--quick",
+        "--corpora",
+        tmp_path / "c.yaml",
+        "--validation",
+        tmp_path / "v.yaml",
+        "--heldout",
+        tmp_path / "h.yaml",
+    )
     _one_line_error(code, err, "does not exist")
 
 
@@ -223,4 +251,3 @@ def test_gamma_rule_takes_the_smallest_within_tolerance_else_the_least_forgettin
     assert choose_gamma({1.0: 105.0, 0.3: 104.9}, base, 0.05)[0] == 0.3  # grid order does not matter
     gamma, reason = choose_gamma({0.1: 109.0, 0.3: 106.0, 1.0: 107.0}, base, 0.05)
     assert gamma == 0.3 and reason.startswith("no γ keeps") and "γ 0.3: +6.0%" in reason
-

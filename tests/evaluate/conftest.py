@@ -13,8 +13,11 @@ import pytest
 import torch
 
 SENTENCES = {
-    "en": ["The cat sat on the mat and looked at the birds.", "A quick brown fox jumps over the lazy dog.",
-           "Rivers flow to the sea; the sea gives rain back to the hills."],
+    "en": [
+        "The cat sat on the mat and looked at the birds.",
+        "A quick brown fox jumps over the lazy dog.",
+        "Rivers flow to the sea; the sea gives rain back to the hills.",
+    ],
     "es": ["El gato se sentó en la alfombra y miró a los pájaros.", "Mañana lloverá en la montaña del norte."],
     "el": ["Η γάτα κάθισε στο χαλί και κοίταξε τα πουλιά.", "Αύριο θα βρέξει στο βουνό του βορρά."],
     "hu": ["A macska leült a szőnyegre és nézte a madarakat.", "Holnap esni fog az északi hegyen."],
@@ -29,12 +32,16 @@ def tokenizer():
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator([s for texts in SENTENCES.values() for s in texts], trainer)
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     assert tok("hi")["input_ids"][0] == tok.bos_token_id == 0  # the tokenizer adds BOS by itself
     return tok
 
@@ -43,10 +50,18 @@ def _dense(tokenizer, seed: int = 0, context: int = 24):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 

@@ -15,8 +15,9 @@ def _eval(capsys, *args):
 
 def test_eval_writes_results_with_routing_for_an_moe_model(tmp_path, capsys, moe_dir, corpora_file):
     out = tmp_path / "runs" / "moe-lpr.json"
-    code, io = _eval(capsys, "--model", moe_dir, "--corpora", corpora_file, "--output", out, "--max-docs", 2,
-                     "--batch-size", 3)
+    code, io = _eval(
+        capsys, "--model", moe_dir, "--corpora", corpora_file, "--output", out, "--max-docs", 2, "--batch-size", 3
+    )
     assert code == 0, io.err
     results = json.loads(out.read_text())
     assert results["method"] == "moe-lpr" and results["languages"] == {"old": ["en", "es"], "new": ["el", "hu"]}
@@ -31,8 +32,9 @@ def test_eval_writes_results_with_routing_for_an_moe_model(tmp_path, capsys, moe
 
 def test_eval_dense_model_has_no_routing(tmp_path, capsys, dense_dir, corpora_file):
     out = tmp_path / "base.json"
-    code, io = _eval(capsys, "--model", dense_dir, "--corpora", corpora_file, "--output", out, "--max-tokens", 20,
-                     "--method", "base")
+    code, io = _eval(
+        capsys, "--model", dense_dir, "--corpora", corpora_file, "--output", out, "--max-tokens", 20, "--method", "base"
+    )
     assert code == 0, io.err
     results = json.loads(out.read_text())
     assert results["method"] == "base" and "routing" not in results

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tiny import run_without_moelpr
 
 from moelpr.cli import main
@@ -20,35 +19,69 @@ lm_eval = pytest.importorskip("lm_eval")
 def _local_tasks(root: Path, docs: list[str]) -> Path:
     """A loglikelihood_rolling task over `docs` and a group running a multiple-choice task 2-shot."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "ppl.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs),
-                                    encoding="utf-8")
-    mc = [{"question": f"{a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "answer": 0}
-          for a, b in [(1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]]
+    (root / "ppl.jsonl").write_text(
+        "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+    )
+    mc = [
+        {"question": f"{a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "answer": 0}
+        for a, b in [(1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]
+    ]
     (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc), encoding="utf-8")
-    (root / "local_ppl.yaml").write_text(yaml.safe_dump({  # absolute data paths: lm-eval resolves against the CWD
-        "task": "local_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(root / "ppl.jsonl")}},
-        "output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "", "doc_to_target": "{{text}}",
-        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
-    }))
-    (root / "local_mc.yaml").write_text(yaml.safe_dump({
-        "task": "local_mc", "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"train": str(root / "mc.jsonl"), "test": str(root / "mc.jsonl")}},
-        "output_type": "multiple_choice", "training_split": "train", "test_split": "test",
-        "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
-        "metric_list": [{"metric": "acc"}],
-    }))
-    (root / "local_group.yaml").write_text(yaml.safe_dump({  # the shape of our suite YAMLs
-        "group": "local_group", "task": [{"task": "local_mc", "num_fewshot": 2}],
-        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": False}],
-    }))
+    (root / "local_ppl.yaml").write_text(
+        yaml.safe_dump(
+            {  # absolute data paths: lm-eval resolves against the CWD
+                "task": "local_ppl",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(root / "ppl.jsonl")}},
+                "output_type": "loglikelihood_rolling",
+                "test_split": "test",
+                "doc_to_text": "",
+                "doc_to_target": "{{text}}",
+                "metric_list": [
+                    {"metric": "word_perplexity"},
+                    {"metric": "byte_perplexity"},
+                    {"metric": "bits_per_byte"},
+                ],
+            }
+        )
+    )
+    (root / "local_mc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "local_mc",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"train": str(root / "mc.jsonl"), "test": str(root / "mc.jsonl")}},
+                "output_type": "multiple_choice",
+                "training_split": "train",
+                "test_split": "test",
+                "doc_to_text": "Question: {{question}}\nAnswer:",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{answer}}",
+                "metric_list": [{"metric": "acc"}],
+            }
+        )
+    )
+    (root / "local_group.yaml").write_text(
+        yaml.safe_dump(
+            {  # the shape of our suite YAMLs
+                "group": "local_group",
+                "task": [{"task": "local_mc", "num_fewshot": 2}],
+                "aggregate_metric_list": [{"metric": "acc", "weight_by_size": False}],
+            }
+        )
+    )
     return root
 
 
 def _lm_eval_bpb(lm, task_dir: Path) -> float:
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model=lm, tasks=["local_ppl"], bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["local_ppl"],
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )
     return out["results"]["local_ppl"]["bits_per_byte,none"]
 
 
@@ -57,8 +90,15 @@ def test_benchmark_on_a_saved_dense_model_is_stock_hf(tmp_path, dense_dir, dense
 
     docs = texts["en"] + texts["el"]  # long (several windows) and multi-byte documents
     task_dir = _local_tasks(tmp_path / "tasks", docs)
-    record = harness.run_benchmark(dense_dir, ["local_ppl", "local_group"], include_paths=[task_dir], device="cpu",
-                                   batch_size=3, include_defaults=False, bootstrap_iters=0)
+    record = harness.run_benchmark(
+        dense_dir,
+        ["local_ppl", "local_group"],
+        include_paths=[task_dir],
+        device="cpu",
+        batch_size=3,
+        include_defaults=False,
+        bootstrap_iters=0,
+    )
     stock = _lm_eval_bpb(HFLM(pretrained=dense_model, tokenizer=tokenizer, batch_size=3), task_dir)
     assert record["results"]["local_ppl"]["bits_per_byte,none"] == pytest.approx(stock, rel=1e-6)
     # lm-eval's rolling windows prepend BOS and our tokenizer adds one too: BOS→BOS is scored once per
@@ -83,25 +123,70 @@ def test_stock_lm_eval_cli_runs_a_train_output_as_moe_lpr_benchmark_does(tmp_pat
     import moelpr
     from moelpr.train import load_recipe, train
 
-    out = train(load_recipe({"model": str(dense_dir), "corpora": str(corpora_file), "num_experts": 3, "cutoff_len": 16,
-                             "output_dir": str(tmp_path / "stage1"), "max_steps": 2, "per_device_train_batch_size": 2,
-                             "learning_rate": 0.05, "save_strategy": "no", "report_to": "none", "use_cpu": True,
-                             "disable_tqdm": True}))
+    out = train(
+        load_recipe(
+            {
+                "model": str(dense_dir),
+                "corpora": str(corpora_file),
+                "num_experts": 3,
+                "cutoff_len": 16,
+                "output_dir": str(tmp_path / "stage1"),
+                "max_steps": 2,
+                "per_device_train_batch_size": 2,
+                "learning_rate": 0.05,
+                "save_strategy": "no",
+                "report_to": "none",
+                "use_cpu": True,
+                "disable_tqdm": True,
+            }
+        )
+    )
     assert (out / "modeling_moelpr.py").is_file()  # a native train output, no export step
     task_dir = _local_tasks(tmp_path / "tasks", texts["es"] + texts["hu"])
-    args = ["run", "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,dtype=float32",
-            "--tasks", "local_ppl", "local_group", "--include_path", str(task_dir), "--device", "cpu",
-            "--batch_size", "2", "--output_path", str(tmp_path / "cli")]
+    args = [
+        "run",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={out},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        "local_ppl",
+        "local_group",
+        "--include_path",
+        str(task_dir),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--output_path",
+        str(tmp_path / "cli"),
+    ]
     run_without_moelpr(STOCK_CLI, args, tmp_path)
     cli = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]
 
-    record = harness.run_benchmark(out, ["local_ppl", "local_group"], include_paths=[task_dir], device="cpu",
-                                   dtype="float32", batch_size=2, include_defaults=False, bootstrap_iters=0)
+    record = harness.run_benchmark(
+        out,
+        ["local_ppl", "local_group"],
+        include_paths=[task_dir],
+        device="cpu",
+        dtype="float32",
+        batch_size=2,
+        include_defaults=False,
+        bootstrap_iters=0,
+    )
     ours = record["results"]
     assert cli["local_ppl"]["bits_per_byte,none"] == pytest.approx(ours["local_ppl"]["bits_per_byte,none"], rel=1e-6)
     assert cli["local_group"]["acc,none"] == ours["local_group"]["acc,none"]
-    dense = harness.run_benchmark(dense_dir, ["local_ppl"], include_paths=[task_dir], device="cpu", dtype="float32",
-                                  batch_size=2, include_defaults=False, bootstrap_iters=0)["results"]
+    dense = harness.run_benchmark(
+        dense_dir,
+        ["local_ppl"],
+        include_paths=[task_dir],
+        device="cpu",
+        dtype="float32",
+        batch_size=2,
+        include_defaults=False,
+        bootstrap_iters=0,
+    )["results"]
     assert ours["local_ppl"]["bits_per_byte,none"] != dense["local_ppl"]["bits_per_byte,none"]  # trained: it moved
     assert isinstance(moelpr.load_model(out), moelpr.MoELPRForCausalLM)
 
@@ -148,9 +233,15 @@ def test_lm_eval_reads_the_shipped_files_as_groups():
 
 
 def test_summarize_gives_the_papers_averages():
-    results = {"arc_challenge": {"acc_norm,none": 0.4}, "arc_zh": {"acc_norm,none": 0.3}, "arc_hu": {"acc_norm,none": 0.2},
-               "belebele_ell_Grek": {"acc,none": 0.5}, "belebele_tur_Latn": {"acc,none": 0.7},
-               "global_mmlu_full_el": {"acc,none": 0.25}, "mmlu": {"acc,none": float("nan")}}
+    results = {
+        "arc_challenge": {"acc_norm,none": 0.4},
+        "arc_zh": {"acc_norm,none": 0.3},
+        "arc_hu": {"acc_norm,none": 0.2},
+        "belebele_ell_Grek": {"acc,none": 0.5},
+        "belebele_tur_Latn": {"acc,none": 0.7},
+        "global_mmlu_full_el": {"acc,none": 0.25},
+        "mmlu": {"acc,none": float("nan")},
+    }
     summary = harness.summarize(results)
     assert summary["scores"] == {"arc": {"en": 0.4, "zh": 0.3, "hu": 0.2}, "belebele": {"el": 0.5, "tr": 0.7}}
     assert summary["avg"]["old"] == pytest.approx({"arc": 0.35, "all": 0.35})

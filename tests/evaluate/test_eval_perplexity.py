@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from moelpr.errors import UserError
-from moelpr.evaluate.perplexity import context_length, evaluate_corpora, evaluate_texts, prefix_token_id, rolling_windows
+from moelpr.evaluate.perplexity import (
+    context_length,
+    evaluate_corpora,
+    evaluate_texts,
+    prefix_token_id,
+    rolling_windows,
+)
 from moelpr.evaluate.routing import routing_sums
 
 
@@ -64,11 +70,15 @@ def test_rolling_windows_equal_lm_evals(n_tokens, max_len):
     lm_utils = pytest.importorskip("lm_eval.utils")
     tokens = list(range(100, 100 + n_tokens))
     ours = rolling_windows(tokens, 7, max_len)
-    theirs = [lm_utils.make_disjoint_window(w) for w in
-              lm_utils.get_rolling_token_windows(token_list=tokens, prefix_token=7, max_seq_len=max_len, context_len=1)]
+    theirs = [
+        lm_utils.make_disjoint_window(w)
+        for w in lm_utils.get_rolling_token_windows(
+            token_list=tokens, prefix_token=7, max_seq_len=max_len, context_len=1
+        )
+    ]
     assert len(ours) == len(theirs)
     for (seq, n_pred), (context, continuation) in zip(ours, theirs):
-        fed = (context + continuation)[-(max_len + 1):][:-1]  # what HFLM._loglikelihood_tokens feeds the model
+        fed = (context + continuation)[-(max_len + 1) :][:-1]  # what HFLM._loglikelihood_tokens feeds the model
         assert seq[:-1] == fed and seq[1:][-n_pred:] == continuation
     assert sum(n for _, n in ours) == n_tokens
 

@@ -13,8 +13,11 @@ from moelpr.evaluate.perplexity import evaluate_texts
 def _scored(model, tokenizer, texts, roles, **kw):
     """Results plus the dtypes every `nn.Linear` produced and the weights had while scoring."""
     outputs: set[torch.dtype] = set()
-    handles = [m.register_forward_hook(lambda mod, i, o: outputs.add(o.dtype))
-               for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    handles = [
+        m.register_forward_hook(lambda mod, i, o: outputs.add(o.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         results = evaluate_texts(model, tokenizer, texts, roles, progress=False, **kw)
     finally:
@@ -46,10 +49,38 @@ def test_unknown_precision_is_refused(dense_model, tokenizer, texts, roles):
 def test_eval_cli_precision_is_recorded(tmp_path, capsys, dense_dir, corpora_file):
     for precision in ("fp32", "bf16"):
         out = tmp_path / f"{precision}.json"
-        code = main(["eval", "--model", str(dense_dir), "--corpora", str(corpora_file), "--output", str(out),
-                     "--max-docs", "1", "--precision", precision, "--device", "cpu", "--no-progress"])
+        code = main(
+            [
+                "eval",
+                "--model",
+                str(dense_dir),
+                "--corpora",
+                str(corpora_file),
+                "--output",
+                str(out),
+                "--max-docs",
+                "1",
+                "--precision",
+                precision,
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
         assert code == 0, capsys.readouterr().err
         assert json.loads(out.read_text())["precision"] == precision
-    code = main(["eval", "--model", str(dense_dir), "--corpora", str(corpora_file), "--output",
-                 str(tmp_path / "x.json"), "--no-progress", "--device", "cpu"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(dense_dir),
+            "--corpora",
+            str(corpora_file),
+            "--output",
+            str(tmp_path / "x.json"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0 and json.loads((tmp_path / "x.json").read_text())["precision"] == "fp32"  # the default

@@ -46,9 +46,13 @@ def test_demo_results_and_review_runs(tmp_path, result_files):
     demo = _write(tmp_path / "results.json", {"languages": languages, "methods": {"base": base, "moe-lpr": moe}})
     runs = []
     for docs, shift in ((0, 0.3), (1000, 0.1), (5000, 0.05)):
-        run = {**moe, "review_docs": docs, "method": f"review-{docs}",
-               "bpb": {lang: v + (shift if lang in ("en", "es") else 0.0) for lang, v in moe["bpb"].items()},
-               "languages": languages}
+        run = {
+            **moe,
+            "review_docs": docs,
+            "method": f"review-{docs}",
+            "bpb": {lang: v + (shift if lang in ("en", "es") else 0.0) for lang, v in moe["bpb"].items()},
+            "languages": languages,
+        }
         runs.append(_write(tmp_path / f"review-{docs}.json", run))
     out = tmp_path / "report"
     (out).mkdir()
@@ -94,8 +98,12 @@ def test_labels_of_nearby_points_do_not_overlap():
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.8))
-    points = {(5.50, 2.600): ["moe_lpr"], (5.52, 2.601): ["layermoe"], (5.51, 2.62): ["moe_review_no_lpr"],
-              (3.0, 2.8): ["full"]}
+    points = {
+        (5.50, 2.600): ["moe_lpr"],
+        (5.52, 2.601): ["layermoe"],
+        (5.51, 2.62): ["moe_review_no_lpr"],
+        (3.0, 2.8): ["full"],
+    }
     for x, y in points:
         ax.scatter([x], [y])
     ax.margins(0.25)
@@ -104,7 +112,7 @@ def test_labels_of_nearby_points_do_not_overlap():
     labels = [t for t in ax.texts if t.get_text()]
     assert sorted(t.get_text() for t in labels) == sorted(n for names in points.values() for n in names)
     boxes = [t.get_window_extent(renderer) for t in labels]
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     plt.close(fig)
 
 

@@ -15,10 +15,19 @@ def _softmax(row):
 
 def test_routing_sums_match_hand_computation():
     # 2 sequences × 3 positions; layer 0 has 3 experts, layer 1 has 4 (LayerMoE-style uneven layers)
-    layer0 = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [0.0, 0.5, 1.0],
-                           [-1.0, 2.0, 2.5], [5.0, 5.0, -5.0], [9.0, 9.0, 9.0]])
-    layer1 = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0], [1.0, 1.5, 0.0, 0.0],
-                           [0.0, 0.0, 4.0, 0.0], [0.5, 0.0, 0.0, 0.0], [7.0, 7.0, 7.0, 7.0]])
+    layer0 = torch.tensor(
+        [[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [0.0, 0.5, 1.0], [-1.0, 2.0, 2.5], [5.0, 5.0, -5.0], [9.0, 9.0, 9.0]]
+    )
+    layer1 = torch.tensor(
+        [
+            [0.0, 1.0, 2.0, 3.0],
+            [3.0, 2.0, 1.0, 0.0],
+            [1.0, 1.5, 0.0, 0.0],
+            [0.0, 0.0, 4.0, 0.0],
+            [0.5, 0.0, 0.0, 0.0],
+            [7.0, 7.0, 7.0, 7.0],
+        ]
+    )
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the last token is padding
     sums = routing_sums((layer0, layer1), mask, top_k=2)
     counted = [0, 1, 2, 3, 4]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny import trained_moe, word_tokenizer
 
 import moelpr
@@ -20,4 +19,3 @@ def moe_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("moe") / "moe"
     moelpr.save_model(trained_moe(num_experts=[4, 1, 3]), path, format="full", tokenizer=word_tokenizer())
     return path
-

@@ -18,9 +18,33 @@ from moelpr.model import CACHE_ARG
 from moelpr.model.capture import moe_blocks
 from moelpr.moe.upcycle import add_expert_group
 
-_VIEWS = {"__getitem__", "transpose", "t", "view", "reshape", "expand", "expand_as", "chunk", "split", "narrow",
-          "select", "unbind", "detach", "__get__", "size", "dim", "data_ptr", "element_size", "stride", "storage_offset",
-          "is_contiguous", "numel", "__len__", "__format__", "__repr__"}
+_VIEWS = {
+    "__getitem__",
+    "transpose",
+    "t",
+    "view",
+    "reshape",
+    "expand",
+    "expand_as",
+    "chunk",
+    "split",
+    "narrow",
+    "select",
+    "unbind",
+    "detach",
+    "__get__",
+    "size",
+    "dim",
+    "data_ptr",
+    "element_size",
+    "stride",
+    "storage_offset",
+    "is_contiguous",
+    "numel",
+    "__len__",
+    "__format__",
+    "__repr__",
+}
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:

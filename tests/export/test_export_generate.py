@@ -26,8 +26,14 @@ def test_generate_cli_streams_greedy_text(moe_dir, capsys):
     tokenizer = AutoTokenizer.from_pretrained(moe_dir)
     ids = generate_ids(model, tokenizer, PROMPT, **generation_kwargs(max_new_tokens=8, temperature=1.0, greedy=True))
     prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    direct = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=8,
-                            do_sample=False, pad_token_id=0, eos_token_id=model.generation_config.eos_token_id)
+    direct = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=torch.ones_like(prompt_ids),
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=model.generation_config.eos_token_id,
+    )
     assert torch.equal(ids, direct)
     manual = greedy_without_cache(model, prompt_ids, 8)
     assert torch.equal(ids, manual[:, : ids.shape[1]])  # KV-cache decoding = full recomputation
@@ -45,11 +51,14 @@ def test_sampling_is_seeded(moe_dir, capsys):
     assert capsys.readouterr().out == first
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    (["--temperature", "-1"], "--temperature must be"),
-    (["--prompt", ""], "--prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--temperature", "-1"], "--temperature must be"),
+        (["--prompt", ""], "--prompt is empty"),
+    ],
+)
 def test_generate_bad_input_exit_2(moe_dir, capsys, args, message):
     base = ["generate", "--model", str(moe_dir), "--prompt", PROMPT]
     assert main([*base, *args]) == 2

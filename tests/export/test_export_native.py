@@ -14,8 +14,14 @@ from moelpr.cli import main
 from moelpr.export import export_model, native
 
 CASES = [  # (id, arch, format, experts, top_k, base-config overrides)
-    ("llama-mixtral", "llama", "mixtral", 4, 2, {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
-                                                 "tie_word_embeddings": True}),
+    (
+        "llama-mixtral",
+        "llama",
+        "mixtral",
+        4,
+        2,
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "tie_word_embeddings": True},
+    ),
     ("mistral-mixtral-window", "mistral", "mixtral", 3, 3, {"sliding_window": 5}),
     ("qwen3-dense-layer", "qwen3", "qwen3_moe", [3, 1, 3], 2, {}),
     ("qwen3-top1", "qwen3", "qwen3_moe", [1, 3, 3], 1, {}),
@@ -44,15 +50,24 @@ def test_native_export_is_exact(tmp_path, arch, fmt, experts, top_k, overrides):
         assert theirs.config.mlp_only_layers == [i for i, n in enumerate(moe.config.experts_per_layer) if n == 1]
 
 
-@pytest.mark.parametrize("arch, fmt, experts, top_k, overrides, reasons", [
-    ("llama", "mixtral", [5, 3, 5], 1, {"attention_bias": True},
-     ["layer 1 has 3 experts", "top_k=1", "attention_bias=True"]),
-    ("llama", "mixtral", [4, 1, 4], 2, {}, ["layer 1 has 1 expert"]),
-    ("gemma2", "mixtral", 3, 2, {}, ["base model_type 'gemma2' is not llama or mistral"]),
-    ("qwen3", "qwen3_moe", [3, 4, 1], 2, {}, ["MoE layers must share one expert count"]),
-    ("llama", "qwen2_moe", 3, 2, {"mlp_bias": True}, ["base model_type 'llama' is not qwen2"]),
-    ("llama", "mixtral", 3, 2, {"mlp_bias": True}, ["mlp_bias=True"]),
-])
+@pytest.mark.parametrize(
+    "arch, fmt, experts, top_k, overrides, reasons",
+    [
+        (
+            "llama",
+            "mixtral",
+            [5, 3, 5],
+            1,
+            {"attention_bias": True},
+            ["layer 1 has 3 experts", "top_k=1", "attention_bias=True"],
+        ),
+        ("llama", "mixtral", [4, 1, 4], 2, {}, ["layer 1 has 1 expert"]),
+        ("gemma2", "mixtral", 3, 2, {}, ["base model_type 'gemma2' is not llama or mistral"]),
+        ("qwen3", "qwen3_moe", [3, 4, 1], 2, {}, ["MoE layers must share one expert count"]),
+        ("llama", "qwen2_moe", 3, 2, {"mlp_bias": True}, ["base model_type 'llama' is not qwen2"]),
+        ("llama", "mixtral", 3, 2, {"mlp_bias": True}, ["mlp_bias=True"]),
+    ],
+)
 def test_inexact_conversions_are_refused_with_every_reason(tmp_path, arch, fmt, experts, top_k, overrides, reasons):
     moe = trained_moe(arch, num_experts=experts, top_k=top_k, **overrides)
     with pytest.raises(moelpr.UserError, match=f"cannot export to {fmt}") as err:

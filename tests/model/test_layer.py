@@ -69,10 +69,12 @@ def expert_fn(block, e):
         return block.original
     for group in block.experts:
         if e <= group.num_experts:
+
             def f(x, g=group, i=e - 1):
                 h = x @ g.gate_up_proj[i].T + (0 if g.gate_up_bias is None else g.gate_up_bias[i])
                 gate, up = h.chunk(2, -1)
                 return (g.act_fn(gate) * up) @ g.down_proj[i].T + (0 if g.down_bias is None else g.down_bias[i])
+
             return f
         e -= group.num_experts
     raise IndexError

@@ -52,10 +52,15 @@ def test_lpr_sum_reduction_is_the_papers_sum_over_layers_and_old_tokens_per_targ
     l1 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
     l2 = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 3.0], [1.0, -1.0, 0.0]])
     old = torch.tensor([1, 0, 1])
-    nll = lambda row: -math.log(math.exp(row[0]) / sum(math.exp(v) for v in row))  # −log G_0
+
+    def nll(row):  # −log G_0
+        return -math.log(math.exp(row[0]) / sum(math.exp(v) for v in row))
+
     total = nll([2.0, 0.0, 0.0]) + nll([0.5, 0.5, 0.0]) + nll([0.0, 0.0, 0.0]) + nll([1.0, -1.0, 0.0])
     assert losses.lpr_loss([l1, l2], old, reduction="sum", num_tokens=5).item() == pytest.approx(total / 5, rel=1e-6)
-    assert losses.lpr_loss([l1, l2], old, reduction="sum", num_tokens=torch.tensor(5)).item() == pytest.approx(total / 5)
+    assert losses.lpr_loss([l1, l2], old, reduction="sum", num_tokens=torch.tensor(5)).item() == pytest.approx(
+        total / 5
+    )
     assert losses.lpr_loss([l1, l2], old, reduction="sum").item() == pytest.approx(total / 3)  # default: all tokens
     assert losses.lpr_loss([l1, l2], old, reduction="mean").item() == pytest.approx(total / 4)  # (layer, old) pairs
     # each router's gradient: the sum form gives every old token weight 1/num_tokens, the mean form 1/(L·n_old)

@@ -110,13 +110,20 @@ def test_every_saved_model_loads_without_moelpr_with_the_same_logits_and_tokens(
         out = tmp_path / name
         moelpr.save_model(moe, out, format="full")
         config = json.loads((out / "config.json").read_text())
-        assert config["auto_map"] == {"AutoConfig": "configuration_moelpr.MoELPRConfig",
-                                      "AutoModelForCausalLM": "modeling_moelpr.MoELPRForCausalLM"}
+        assert config["auto_map"] == {
+            "AutoConfig": "configuration_moelpr.MoELPRConfig",
+            "AutoModelForCausalLM": "modeling_moelpr.MoELPRForCausalLM",
+        }
         ids = tiny_ids(seed=3)
         save_file({"ids": ids}, str(out) + ".ids.safetensors")
         with torch.no_grad():
-            tokens = moe.generate(ids[:1, :5], attention_mask=torch.ones_like(ids[:1, :5]), max_new_tokens=6,
-                                  do_sample=False, pad_token_id=0)
+            tokens = moe.generate(
+                ids[:1, :5],
+                attention_mask=torch.ones_like(ids[:1, :5]),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=0,
+            )
             ours[str(out)] = (moe(input_ids=ids).logits, tokens)
         outs.append(str(out))
 
@@ -144,9 +151,14 @@ def test_shipped_modules_import_only_torch_transformers_safetensors_and_each_oth
     for name in shipped:
         assert (tmp_path / "out" / name).read_text() == (MODEL_DIR / name).read_text()  # the package's own files
         tree = ast.parse((MODEL_DIR / name).read_text())
-        roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        roots |= {node.module.split(".")[0] for node in ast.walk(tree)
-                  if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module}
+        roots = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        roots |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+        }
         stdlib = {"__future__", "contextlib", "dataclasses", "math", "os", "threading", "typing"}
         assert roots <= stdlib | {"torch", "transformers", "safetensors"}, (name, roots)
 
@@ -160,8 +172,10 @@ def test_layermoe_reloads_in_process_with_the_same_logits(tmp_path, pooling):
     moe = _layermoe(pooling)
     moelpr.save_model(moe, tmp_path / "out", format="full")
     ids = tiny_ids(seed=5)
-    for loaded in (moelpr.load_model(tmp_path / "out"),
-                   AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)):
+    for loaded in (
+        moelpr.load_model(tmp_path / "out"),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True),
+    ):
         assert type(loaded) is moelpr.MoELPRForCausalLM
         with torch.no_grad():
             assert torch.equal(loaded.eval()(input_ids=ids).logits, moe(input_ids=ids).logits)

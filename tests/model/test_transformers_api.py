@@ -52,8 +52,13 @@ print(json.dumps({"logs": records, "warnings": [f"{w.category.__name__}: {w.mess
 
 def test_no_deprecation_from_our_calls(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "warning"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(TESTS), str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(TESTS), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     deprecated = [m for m in seen["logs"] + seen["warnings"] if "deprecat" in m.lower()]

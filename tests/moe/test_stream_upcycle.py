@@ -133,8 +133,24 @@ def test_cli_output_loads_with_moelpr_and_with_remote_code(tmp_path, capsys):
     dense_model.save_pretrained(dense)
     word_tokenizer().save_pretrained(dense)
     out = tmp_path / "moe"
-    assert main(["upcycle", "--model", str(dense), "--num-experts", "3,1,4", "--top-k", "2", "--output", str(out),
-                 "--max-shard-size", "200KB"]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                "--model",
+                str(dense),
+                "--num-experts",
+                "3,1,4",
+                "--top-k",
+                "2",
+                "--output",
+                str(out),
+                "--max-shard-size",
+                "200KB",
+            ]
+        )
+        == 0
+    )
     assert "experts per layer [3, 1, 4], top-2" in capsys.readouterr().out
     assert (out / "model.safetensors.index.json").is_file()
     ids = tiny_ids()
@@ -149,8 +165,13 @@ def test_cli_output_loads_with_moelpr_and_with_remote_code(tmp_path, capsys):
     save_file({"ids": ids}, exchange)
     repo = str(Path(moelpr.__file__).resolve().parent.parent)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-I", "-c", REMOTE_CHILD, repo, str(out), str(exchange)],
-                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_CHILD, repo, str(out), str(exchange)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not result.stdout.strip().startswith("moelpr")  # the model code shipped in the checkpoint
     assert (load_file(exchange)["logits"] - reference).abs().max().item() <= 1e-5
@@ -181,14 +202,25 @@ def test_streamed_peak_memory_is_a_fraction_of_in_memory(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=12,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")  # float32, 17 M parameters
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     peaks = {}
     for how in ("in-memory", "streamed"):
-        result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "dense"), str(tmp_path / how), how],
-                                capture_output=True, text=True, env=env, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "dense"), str(tmp_path / how), how],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         peaks[how] = json.loads(result.stdout.strip().splitlines()[-1])["peak_above_base"]
     output = (tmp_path / "in-memory" / "model.safetensors").stat().st_size  # 253 MB
     assert peaks["in-memory"] > 0.8 * output  # the measurement sees the model
@@ -246,8 +278,10 @@ def _edit(dense: Path, case: str) -> str:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["no weights", "pickle weights", "missing shard", "missing tensor", "wrong shapes",
-                                  "corrupt weights", "no config"])
+@pytest.mark.parametrize(
+    "case",
+    ["no weights", "pickle weights", "missing shard", "missing tensor", "wrong shapes", "corrupt weights", "no config"],
+)
 def test_bad_dense_checkpoints_are_one_line_errors(case, tmp_path, capsys):
     dense = _dense(tmp_path)
     message = _edit(dense, case)

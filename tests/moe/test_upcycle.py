@@ -108,8 +108,11 @@ def test_random_expert_init_is_the_no_copy_ablation():
         assert not torch.equal(gate_up[0], gate_up[1])  # independent draws, not copies
         assert 0.01 < gate_up.std().item() < 0.04 and 0.01 < down.std().item() < 0.04  # initializer_range 0.02
         assert not torch.allclose(gate_up[0, : down.shape[2]], block.original.gate_proj.weight)
-    kept = {n.replace("mlp.original.", "mlp."): p for n, p in moe.lm.state_dict().items() if ".experts." not in n
-            and ".routers." not in n}
+    kept = {
+        n.replace("mlp.original.", "mlp."): p
+        for n, p in moe.lm.state_dict().items()
+        if ".experts." not in n and ".routers." not in n
+    }
     assert kept.keys() == original.keys() and all(torch.equal(kept[n], original[n]) for n in kept)  # base untouched
     with pytest.raises(moelpr.UserError, match="expert_init"):
         moelpr.upcycle(tiny_model(), num_experts=3, expert_init="zeros")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import COMMON, CONFIGS, tiny_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from moelpr import UserError, upcycle
 from moelpr.train.baselines import llama_pro_positions, prepare_baseline, save_baseline
-from tiny import COMMON, CONFIGS, tiny_ids, tiny_model
 
 
 def _model(arch: str, layers: int = 4):
@@ -119,17 +119,20 @@ def test_positions():
     assert llama_pro_positions(5, every=2) == [1, 3]
 
 
-@pytest.mark.parametrize("method, kwargs, message", [
-    ("adapter", {}, "unknown baseline method"),
-    ("llama_pro", {}, "exactly one of"),
-    ("llama_pro", {"llama_pro_blocks": 2, "llama_pro_every": 1}, "exactly one of"),
-    ("llama_pro", {"llama_pro_blocks": 4}, "between 1 and the model's 3 layers"),
-    ("llama_pro", {"llama_pro_every": 0}, "llama_pro_every must be"),
-    ("llama_pro", {"llama_pro_blocks": 1.5}, "llama_pro_blocks must be"),
-    ("full", {"llama_pro_blocks": 2}, "only apply to method 'llama_pro'"),
-    ("lora", {"lora_rank": 0}, "lora_rank must be"),
-    ("lora", {"lora_target": "no_such_proj"}, "lora_target"),
-])
+@pytest.mark.parametrize(
+    "method, kwargs, message",
+    [
+        ("adapter", {}, "unknown baseline method"),
+        ("llama_pro", {}, "exactly one of"),
+        ("llama_pro", {"llama_pro_blocks": 2, "llama_pro_every": 1}, "exactly one of"),
+        ("llama_pro", {"llama_pro_blocks": 4}, "between 1 and the model's 3 layers"),
+        ("llama_pro", {"llama_pro_every": 0}, "llama_pro_every must be"),
+        ("llama_pro", {"llama_pro_blocks": 1.5}, "llama_pro_blocks must be"),
+        ("full", {"llama_pro_blocks": 2}, "only apply to method 'llama_pro'"),
+        ("lora", {"lora_rank": 0}, "lora_rank must be"),
+        ("lora", {"lora_target": "no_such_proj"}, "lora_target"),
+    ],
+)
 def test_bad_arguments_are_one_line_user_errors(method, kwargs, message):
     with pytest.raises(UserError, match=message) as err:
         prepare_baseline(method, tiny_model("llama"), verbose=False, **kwargs)

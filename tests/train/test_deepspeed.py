@@ -46,10 +46,23 @@ def single(world, recipe, tmp_path_factory):
     """One process, no DeepSpeed: {steps: output directory} after 2 and 4 steps (full format)."""
     dense, corpora = world
     root = tmp_path_factory.mktemp("ds_single")
-    return {steps: train(load_recipe(recipe, overrides(
-                model=str(dense), corpora=str(corpora), max_steps=steps, per_device_train_batch_size=1,
-                gradient_accumulation_steps=4, save_format="full", output_dir=str(root / f"s{steps}"))))
-            for steps in (2, 4)}
+    return {
+        steps: train(
+            load_recipe(
+                recipe,
+                overrides(
+                    model=str(dense),
+                    corpora=str(corpora),
+                    max_steps=steps,
+                    per_device_train_batch_size=1,
+                    gradient_accumulation_steps=4,
+                    save_format="full",
+                    output_dir=str(root / f"s{steps}"),
+                ),
+            )
+        )
+        for steps in (2, 4)
+    }
 
 
 def torchrun_train(recipe: Path, world, out: Path, config: str, *args: str) -> None:
@@ -57,9 +70,23 @@ def torchrun_train(recipe: Path, world, out: Path, config: str, *args: str) -> N
     dense, corpora = world
     cli = shutil.which("moe-lpr", path=str(Path(sys.executable).parent)) or shutil.which("moe-lpr")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", cli, "train",
-           str(recipe), "--deepspeed", str(DEEPSPEED / f"{config}.json"), "--output_dir", str(out),
-           *overrides(model=str(dense), corpora=str(corpora)), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        cli,
+        "train",
+        str(recipe),
+        "--deepspeed",
+        str(DEEPSPEED / f"{config}.json"),
+        "--output_dir",
+        str(out),
+        *overrides(model=str(dense), corpora=str(corpora)),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -93,15 +120,21 @@ def test_zero2_matches_one_process(world, recipe, single, tmp_path):
 def test_zero3_saves_gathered_weights_and_resumes(world, recipe, single, tmp_path):
     """ZeRO-3: 2 steps with a checkpoint (delta format: only the gathered MoE weights), then a second
     launch resumes from that checkpoint to step 4 (full format: every gathered weight)."""
-    torchrun_train(recipe, world, tmp_path / "z3", "zero3", *overrides(
-        max_steps=2, save_strategy="steps", save_steps=2, **BATCH))
+    torchrun_train(
+        recipe, world, tmp_path / "z3", "zero3", *overrides(max_steps=2, save_strategy="steps", save_steps=2, **BATCH)
+    )
     assert moelpr.checkpoint.is_delta_dir(tmp_path / "z3")
     assert_same_training(tmp_path / "z3", single[2], world[0])
     checkpoint = tmp_path / "z3" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "global_step2").is_dir()  # DeepSpeed's own sharded optimizer state
 
-    torchrun_train(recipe, world, tmp_path / "z3_resumed", "zero3", *overrides(
-        max_steps=4, save_format="full", resume_from_checkpoint=str(checkpoint), **BATCH))
+    torchrun_train(
+        recipe,
+        world,
+        tmp_path / "z3_resumed",
+        "zero3",
+        *overrides(max_steps=4, save_format="full", resume_from_checkpoint=str(checkpoint), **BATCH),
+    )
     assert_same_training(tmp_path / "z3_resumed", single[4], world[0])
     steps2, steps4 = moe_params(single[2]), moe_params(single[4])  # TOL is far below what 2 steps move
     assert max((steps4[n] - steps2[n]).abs().max() for n in steps2 if is_new(n)) > 100 * TOL
@@ -124,8 +157,18 @@ def test_zero3_refuses_what_it_cannot_save(world, tmp_path, capsys, no_leaked_de
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = case == "lora"
     (tmp_path / "zero3.json").write_text(json.dumps(config))
     recipe = TINY_RECIPES / ("lora.yaml" if case == "lora" else "stage1.yaml")
-    assert main(["train", str(recipe), "--deepspeed", str(tmp_path / "zero3.json"),
-                 *overrides(model=str(dense), corpora=str(corpora), output_dir=str(tmp_path / "out"))]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(recipe),
+                "--deepspeed",
+                str(tmp_path / "zero3.json"),
+                *overrides(model=str(dense), corpora=str(corpora), output_dir=str(tmp_path / "out")),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "ZeRO-3" in err and ("lora" in err if case == "lora" else "stage3_gather_16bit" in err)
     assert not (tmp_path / "out").exists()
@@ -136,6 +179,14 @@ def test_several_cpu_processes_refuse_use_cpu_false(world, tmp_path, capsys, mon
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)  # as on CI, also on a GPU machine
     monkeypatch.setenv("WORLD_SIZE", "2")
     dense, corpora = world
-    assert main(["train", str(TINY_RECIPES / "stage1.yaml"), *overrides(
-        model=str(dense), corpora=str(corpora), output_dir=str(tmp_path / "out"), use_cpu=False)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(TINY_RECIPES / "stage1.yaml"),
+                *overrides(model=str(dense), corpora=str(corpora), output_dir=str(tmp_path / "out"), use_cpu=False),
+            ]
+        )
+        == 2
+    )
     assert "use_cpu: true" in capsys.readouterr().err

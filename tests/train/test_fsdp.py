@@ -101,8 +101,19 @@ def sharded(tmp_path_factory) -> Path:
     here = Path(__file__).parent
     path = os.pathsep.join([str(here), str(here.parent), *sys.path])  # the worker imports this module and tiny
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
-           sys.executable, "-c", WORKER, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--no-python",
+        sys.executable,
+        "-c",
+        WORKER,
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out

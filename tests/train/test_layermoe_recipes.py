@@ -28,13 +28,20 @@ def test_g1_and_g2_expert_counts():
 
 def test_stages_and_batches():
     expected = {  # name: (stage, expand, classifier layers, per-device × accumulation × 8 GPUs, cutoff)
-        "g1_stage1": (1, False, None, 512, 1024), "g1_stage2": (2, False, [5, 6, 10, 11, 12, 13, 23], 768, 512),
-        "g2_stage1": (1, True, None, 512, 1024), "g2_stage2": (2, False, [6, 10, 11, 12, 23], 640, 512),
+        "g1_stage1": (1, False, None, 512, 1024),
+        "g1_stage2": (2, False, [5, 6, 10, 11, 12, 13, 23], 768, 512),
+        "g2_stage1": (1, True, None, 512, 1024),
+        "g2_stage2": (2, False, [6, 10, 11, 12, 23], 640, 512),
     }
     for name, (stage, expand, layers, batch, cutoff) in expected.items():
         recipe = load_recipe(LAYERMOE / f"qwen1.5-1.8b_{name}.yaml")
         raw = _raw(name)
-        assert (recipe.stage, recipe.expand, recipe.classifier_layers, recipe.cutoff_len) == (stage, expand, layers, cutoff)
+        assert (recipe.stage, recipe.expand, recipe.classifier_layers, recipe.cutoff_len) == (
+            stage,
+            expand,
+            layers,
+            cutoff,
+        )
         assert raw["per_device_train_batch_size"] * raw["gradient_accumulation_steps"] * 8 == batch, name
         assert (raw["learning_rate"], raw["lr_scheduler_type"], raw["num_train_epochs"]) == (5e-5, "cosine", 1)
         if stage == 2:
@@ -52,7 +59,16 @@ def test_lifelong_corpora_groups(tmp_path):
         return {c.language: c.group for c in load_corpora(spec)}
 
     assert groups("layermoe_g2_bn_hi_ne.yaml") == {"bn": 2, "hi": 2, "ne": 2}
-    assert groups("layermoe_g2_review.yaml") == {"en": 0, "zh": 0, "es": 0, "el": 1, "hu": 1, "tr": 1,
-                                                 "bn": 2, "hi": 2, "ne": 2}
+    assert groups("layermoe_g2_review.yaml") == {
+        "en": 0,
+        "zh": 0,
+        "es": 0,
+        "el": 1,
+        "hu": 1,
+        "tr": 1,
+        "bn": 2,
+        "hi": 2,
+        "ne": 2,
+    }
     for name in ("g1_stage1", "g1_stage2", "g2_stage1", "g2_stage2"):
         assert (REPO / _raw(name)["corpora"]).is_file(), name

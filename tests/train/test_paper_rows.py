@@ -31,8 +31,11 @@ def test_moe_one_stage_trains_every_parameter_on_new_and_replay_data(world, tmp_
     moe = moelpr.load_model(out)
     assert isinstance(moe, moelpr.MoELPRForCausalLM) and moe.config.completed_stage == 1
     params = dict(moe.named_parameters())
-    for name in ("lm.model.embed_tokens.weight", "lm.model.layers.0.self_attn.q_proj.weight",
-                 "lm.model.layers.1.mlp.original.down_proj.weight"):
+    for name in (
+        "lm.model.embed_tokens.weight",
+        "lm.model.layers.0.self_attn.q_proj.weight",
+        "lm.model.layers.1.mlp.original.down_proj.weight",
+    ):
         assert not torch.equal(params[name], dense[_dense_name(name)]), name  # frozen in MoE-LPR, trained here
     first = logged(out)[0]
     assert "aux_loss" in first and "router_prob0_old" in first  # the replay's old-language tokens were trained on
@@ -70,8 +73,9 @@ def test_loramoe_equals_the_dense_model_at_init_and_mixes_all_experts():
     x = torch.randn(5, linear.base.in_features)
     gates = linear.lora_router(x).softmax(-1)  # (5, E)
     expected = linear.base(x) + linear.scaling * sum(
-        gates[:, e:e + 1] * (x @ linear.lora_A[2 * e:2 * e + 2].t() @ linear.lora_B[:, 2 * e:2 * e + 2].t())
-        for e in range(3))
+        gates[:, e : e + 1] * (x @ linear.lora_A[2 * e : 2 * e + 2].t() @ linear.lora_B[:, 2 * e : 2 * e + 2].t())
+        for e in range(3)
+    )
     torch.testing.assert_close(linear(x), expected)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B", "lora_router.weight")) for n in trainable)
@@ -95,8 +99,7 @@ def stage1(world, tmp_path_factory):
 
 def test_router_convergence_is_logged_per_layer_and_role_and_warns(world, stage1, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="moelpr.train.run"):
-        out = _run(world, tmp_path / "s2", "stage2.yaml", model=str(stage1), max_steps=3,
-                   router_warning_threshold=0.0)
+        out = _run(world, tmp_path / "s2", "stage2.yaml", model=str(stage1), max_steps=3, router_warning_threshold=0.0)
     entry = logged(out)[-1]
     for role in ("old", "new"):
         for stat in ("expert0_prob", "expert0_in_topk", "expert0_weight"):
@@ -110,7 +113,8 @@ def test_router_convergence_is_logged_per_layer_and_role_and_warns(world, stage1
     assert len(warnings) == 1 and "MoE layer(s) 0" in warnings[0]
     # the mean over layers of the per-layer probabilities is the existing summary figure of the same window
     assert entry["router_prob0_old"] == pytest.approx(
-        sum(entry[f"router/layer_{l}/old/expert0_prob"] for l in (0, 1)) / 2, rel=1e-5)
+        sum(entry[f"router/layer_{l}/old/expert0_prob"] for l in (0, 1)) / 2, rel=1e-5
+    )
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="moelpr.train.run"):

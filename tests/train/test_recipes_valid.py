@@ -17,9 +17,28 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 NOT_RECIPES = ("corpora", "accelerate")  # data specs and launcher configs, checked separately below
 RECIPE_FILES = sorted(p for p in RECIPES.rglob("*.yaml") if p.relative_to(RECIPES).parts[0] not in NOT_RECIPES)
-OWN_KEYS = {"model", "corpora", "method", "stage", "num_experts", "top_k", "layers", "aux_loss_coef", "lpr_loss_coef",
-            "lpr_loss_form", "balance_loss_form", "cutoff_len", "max_docs", "continue", "save_format", "lora_rank",
-            "lora_alpha", "lora_target", "llama_pro_blocks", "llama_pro_every"}
+OWN_KEYS = {
+    "model",
+    "corpora",
+    "method",
+    "stage",
+    "num_experts",
+    "top_k",
+    "layers",
+    "aux_loss_coef",
+    "lpr_loss_coef",
+    "lpr_loss_form",
+    "balance_loss_form",
+    "cutoff_len",
+    "max_docs",
+    "continue",
+    "save_format",
+    "lora_rank",
+    "lora_alpha",
+    "lora_target",
+    "llama_pro_blocks",
+    "llama_pro_every",
+}
 
 
 def _rel(path: Path) -> str:
@@ -44,17 +63,27 @@ def _known_keys() -> set[str]:
 
 def test_recipes_are_shipped():
     names = {_rel(p) for p in RECIPE_FILES}
-    for expected in ("moe_lpr/qwen1.5-1.8b_stage1", "moe_lpr/qwen1.5-1.8b_stage2", "moe_lpr/qwen1.5-1.8b_stage1_official4",
-                     "moe_lpr/llama3-8b_stage1", "moe_lpr/llama3-8b_stage2", "baselines/qwen1.5-1.8b_full",
-                     "baselines/qwen1.5-1.8b_lora", "baselines/qwen1.5-1.8b_llama_pro", "baselines/qwen1.5-1.8b_loramoe",
-                     "baselines/qwen1.5-1.8b_moe_one_stage", "moe_lpr/qwen1.5-1.8b_stage1_no_copy"):
+    for expected in (
+        "moe_lpr/qwen1.5-1.8b_stage1",
+        "moe_lpr/qwen1.5-1.8b_stage2",
+        "moe_lpr/qwen1.5-1.8b_stage1_official4",
+        "moe_lpr/llama3-8b_stage1",
+        "moe_lpr/llama3-8b_stage2",
+        "baselines/qwen1.5-1.8b_full",
+        "baselines/qwen1.5-1.8b_lora",
+        "baselines/qwen1.5-1.8b_llama_pro",
+        "baselines/qwen1.5-1.8b_loramoe",
+        "baselines/qwen1.5-1.8b_moe_one_stage",
+        "moe_lpr/qwen1.5-1.8b_stage1_no_copy",
+    ):
         assert f"recipes/{expected}.yaml" in names
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=_rel)
 def test_recipe_keys_and_header(path):
-    assert path.read_text().splitlines()[0].startswith(f"# moe-lpr train {_rel(path)}"), \
+    assert path.read_text().splitlines()[0].startswith(f"# moe-lpr train {_rel(path)}"), (
         f"{_rel(path)} must begin with its launch command"
+    )
     raw = _load(path)
     unknown = sorted(set(raw) - _known_keys())
     assert not unknown, f"{_rel(path)}: unknown keys {unknown}"
@@ -77,14 +106,30 @@ def test_recipe_loads_through_load_recipe(path):
     TrainingArguments(**fields)
 
 
-GPUS = {"qwen1.5-1.8b_stage1": 8, "qwen1.5-1.8b_stage2": 8, "qwen1.5-1.8b_stage1_official4": 4, "llama3-8b_stage1": 8,
-        "llama3-8b_stage2": 8, "qwen1.5-1.8b_full": 8, "qwen1.5-1.8b_lora": 8, "qwen1.5-1.8b_llama_pro": 8,
-        "qwen1.5-1.8b_loramoe": 8, "qwen1.5-1.8b_moe_one_stage": 8, "qwen1.5-1.8b_stage1_no_copy": 8}
+GPUS = {
+    "qwen1.5-1.8b_stage1": 8,
+    "qwen1.5-1.8b_stage2": 8,
+    "qwen1.5-1.8b_stage1_official4": 4,
+    "llama3-8b_stage1": 8,
+    "llama3-8b_stage2": 8,
+    "qwen1.5-1.8b_full": 8,
+    "qwen1.5-1.8b_lora": 8,
+    "qwen1.5-1.8b_llama_pro": 8,
+    "qwen1.5-1.8b_loramoe": 8,
+    "qwen1.5-1.8b_moe_one_stage": 8,
+    "qwen1.5-1.8b_stage1_no_copy": 8,
+}
 PAPER = {  # method.md §1.3: (experts, global batch, cutoff_len)
-    "qwen1.5-1.8b_stage1": (6, 512, 1024), "qwen1.5-1.8b_stage2": (None, 512, 512),
-    "qwen1.5-1.8b_stage1_official4": (4, 256, 1024), "llama3-8b_stage1": (4, 512, 1024), "llama3-8b_stage2": (None, 512, 512),
-    "qwen1.5-1.8b_full": (None, 512, 1024), "qwen1.5-1.8b_lora": (None, 512, 1024), "qwen1.5-1.8b_llama_pro": (None, 512, 1024),
-    "qwen1.5-1.8b_loramoe": (None, 512, 1024), "qwen1.5-1.8b_moe_one_stage": (None, 512, 1024),
+    "qwen1.5-1.8b_stage1": (6, 512, 1024),
+    "qwen1.5-1.8b_stage2": (None, 512, 512),
+    "qwen1.5-1.8b_stage1_official4": (4, 256, 1024),
+    "llama3-8b_stage1": (4, 512, 1024),
+    "llama3-8b_stage2": (None, 512, 512),
+    "qwen1.5-1.8b_full": (None, 512, 1024),
+    "qwen1.5-1.8b_lora": (None, 512, 1024),
+    "qwen1.5-1.8b_llama_pro": (None, 512, 1024),
+    "qwen1.5-1.8b_loramoe": (None, 512, 1024),
+    "qwen1.5-1.8b_moe_one_stage": (None, 512, 1024),
     "qwen1.5-1.8b_stage1_no_copy": (6, 512, 1024),
 }
 
@@ -97,7 +142,12 @@ def test_paper_hyper_parameters(name):
     assert raw["per_device_train_batch_size"] * raw["gradient_accumulation_steps"] * GPUS[name] == batch
     assert f"--nproc_per_node {GPUS[name]} " in path.read_text()
     assert raw["cutoff_len"] == cutoff
-    assert (raw["learning_rate"], raw["lr_scheduler_type"], raw["num_train_epochs"], raw["bf16"]) == (5e-5, "cosine", 1, True)
+    assert (raw["learning_rate"], raw["lr_scheduler_type"], raw["num_train_epochs"], raw["bf16"]) == (
+        5e-5,
+        "cosine",
+        1,
+        True,
+    )
     if experts is not None:
         assert (raw["num_experts"], raw["top_k"], raw["aux_loss_coef"], raw["stage"]) == (experts, 2, 0.01, 1)
         assert "save_format" not in raw  # the default, full: stock lm-eval / transformers load the output
@@ -117,8 +167,10 @@ def test_paper_hyper_parameters(name):
 def test_corpora_files(path):
     assert path.read_text().startswith("#")
     entries = _load(path)["corpora"]
-    corpora = [Corpus(name=e["name"], paths=[e["path"]], language=e["language"], role=e["role"],
-                      max_docs=e.get("max_docs")) for e in entries]
+    corpora = [
+        Corpus(name=e["name"], paths=[e["path"]], language=e["language"], role=e["role"], max_docs=e.get("max_docs"))
+        for e in entries
+    ]
     assert len({c.name for c in corpora}) == len(corpora)
     if "review" in path.stem:  # stage 2: 50K docs per original language, 100K per expanded one
         assert {c.max_docs for c in corpora if c.role == "old"} == {50000}
@@ -139,5 +191,7 @@ def test_launcher_configs():
     assert launch["distributed_type"] == "FSDP"
     assert launch["fsdp_config"]["fsdp_version"] == 2
     assert launch["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    args = TrainingArguments(output_dir="unused", fsdp=True, fsdp_config=str(RECIPES / "accelerate" / "fsdp_config.json"))
+    args = TrainingArguments(
+        output_dir="unused", fsdp=True, fsdp_config=str(RECIPES / "accelerate" / "fsdp_config.json")
+    )
     assert args.fsdp_plugin_args["fsdp_version"] == 2

@@ -26,8 +26,10 @@ STEPS = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "disable_tqd
 
 def _args(world, out, **kw) -> list[str]:
     dense, corpora = world
-    return [str(TINY_RECIPES / "stage1.yaml"), *overrides(model=str(dense), corpora=str(corpora), output_dir=str(out),
-                                                          **{**STEPS, **kw})]
+    return [
+        str(TINY_RECIPES / "stage1.yaml"),
+        *overrides(model=str(dense), corpora=str(corpora), output_dir=str(out), **{**STEPS, **kw}),
+    ]
 
 
 def _train(world, out, **kw):
@@ -63,6 +65,7 @@ def _killed_copy(reference, out, keep=("checkpoint-2", "checkpoint-4")):
 
 # ---- a real SIGKILL -------------------------------------------------------------------------------------------------
 
+
 def test_sigkill_then_the_same_command_resumes_to_identical_weights(world, tmp_path, capsys):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "moelpr.cli", "train", *_args(world, out, max_steps=12)]
@@ -89,6 +92,7 @@ def test_sigkill_then_the_same_command_resumes_to_identical_weights(world, tmp_p
 
 # ---- damaged checkpoints --------------------------------------------------------------------------------------------
 
+
 def _cut_half(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -103,8 +107,12 @@ DAMAGE = {
     "rng_state_cut": (lambda c: _cut_half(c / "rng_state.pth"), "rng_state.pth is truncated"),
     "weights_missing": (lambda c: (c / "model.safetensors").unlink(), "no model weights"),
     "wrong_step": (lambda c: (c / "trainer_state.json").write_text('{"global_step": 3}'), "records step 3, not 4"),
-    "missing_shard": (lambda c: (c / "model.safetensors.index.json").write_text(
-        '{"weight_map": {"w": "model-00002-of-00002.safetensors"}}'), "names missing shard model-00002-of-00002"),
+    "missing_shard": (
+        lambda c: (c / "model.safetensors.index.json").write_text(
+            '{"weight_map": {"w": "model-00002-of-00002.safetensors"}}'
+        ),
+        "names missing shard model-00002-of-00002",
+    ),
 }
 
 
@@ -135,7 +143,8 @@ def test_a_damaged_last_checkpoint_is_skipped_for_the_previous_one(world, refere
     assert len(skipped) == 1 and "checkpoint-4: " + DAMAGE[damage][1] in skipped[0], err
     assert [line for line in err if line.startswith("resuming from ")] == [
         f"resuming from {out / 'checkpoints' / 'checkpoint-2'} (the last complete checkpoint of an earlier run; "
-        "overwrite: true starts again)"]
+        "overwrite: true starts again)"
+    ]
     _assert_same_weights(out, reference)
     assert checkpoint_problem(out / "checkpoints" / "checkpoint-4") is None  # the Trainer wrote it again
 
@@ -166,6 +175,7 @@ def test_overwrite_starts_again_and_clears_old_checkpoints(world, reference, tmp
 
 
 # ---- explicit resume_from_checkpoint -------------------------------------------------------------------------------
+
 
 def _cli(world, out, capsys, **kw) -> tuple[int, list[str]]:
     code = main(["train", *_args(world, out, **kw)])
@@ -210,5 +220,11 @@ def test_last_complete_checkpoint_prefers_the_newest(reference, tmp_path):
 
 def test_resume_value_must_be_a_flag_or_a_path(tmp_path):
     with pytest.raises(UserError, match="must be true, false or a checkpoint-N directory, got 3"):
-        resume_point({"resume_from_checkpoint": 3}, tmp_path, tmp_path / "checkpoints", overwrite=False,
-                     finished=False, main_process=True)
+        resume_point(
+            {"resume_from_checkpoint": 3},
+            tmp_path,
+            tmp_path / "checkpoints",
+            overwrite=False,
+            finished=False,
+            main_process=True,
+        )

@@ -35,16 +35,29 @@ def test_two_processes_agree(world, tmp_path):
     script.write_text(SCRIPT)
     args = overrides(model=str(dense), corpora=str(corpora), max_steps=2, per_device_train_batch_size=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path), str(TINY_RECIPES / "stage1.yaml"), "--output_dir", str(tmp_path / "ddp"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+        str(TINY_RECIPES / "stage1.yaml"),
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2 and ranks[0]["sha"] == ranks[1]["sha"]
 
     # one process with the same global batch (4) logs the same LM loss at step 1
-    single = load_recipe(TINY_RECIPES / "stage1.yaml", args + overrides(output_dir=str(tmp_path / "one"),
-                                                                         per_device_train_batch_size=4))
+    single = load_recipe(
+        TINY_RECIPES / "stage1.yaml", args + overrides(output_dir=str(tmp_path / "one"), per_device_train_batch_size=4)
+    )
     one, two = logged(train(single))[0], logged(tmp_path / "ddp")[0]
     assert abs(one["lm_loss"] - two["lm_loss"]) <= 1e-5 * one["lm_loss"], (one, two)
     assert abs(one["aux_loss"] - two["aux_loss"]) <= 0.05 * one["aux_loss"], (one, two)  # per forward pass

@@ -28,21 +28,54 @@ GOOD = json.dumps({"text": "γειά σου κόσμε"})
 def upcycled(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad") / "s1"
     dense, corpora = world
-    assert main(["train", str(TINY_RECIPES / "stage1.yaml"), "--model", str(dense), "--corpora", str(corpora),
-                 "--output_dir", str(out), "--max_steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(TINY_RECIPES / "stage1.yaml"),
+                "--model",
+                str(dense),
+                "--corpora",
+                str(corpora),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def _case(name, tmp_path, world, upcycled):
     dense, corpora = world
     if name == "malformed_json":
-        return "stage1", dense, _corpora(tmp_path, [_entry(tmp_path, "el", [GOOD, "{oops", GOOD])]), [], r"el\.jsonl:2: malformed JSON"
+        return (
+            "stage1",
+            dense,
+            _corpora(tmp_path, [_entry(tmp_path, "el", [GOOD, "{oops", GOOD])]),
+            [],
+            r"el\.jsonl:2: malformed JSON",
+        )
     if name == "missing_text_field":
-        return "stage1", dense, _corpora(tmp_path, [_entry(tmp_path, "el", [GOOD, json.dumps({"txt": "x"})])]), [], "text"
+        return (
+            "stage1",
+            dense,
+            _corpora(tmp_path, [_entry(tmp_path, "el", [GOOD, json.dumps({"txt": "x"})])]),
+            [],
+            "text",
+        )
     if name == "empty_corpus":
         return "stage1", dense, _corpora(tmp_path, [_entry(tmp_path, "el", [])]), [], "no documents"
     if name == "unknown_role":
-        return "stage1", dense, _corpora(tmp_path, [_entry(tmp_path, "el", [GOOD], role="added")]), [], "unknown role 'added'"
+        return (
+            "stage1",
+            dense,
+            _corpora(tmp_path, [_entry(tmp_path, "el", [GOOD], role="added")]),
+            [],
+            "unknown role 'added'",
+        )
     if name == "stage2_no_old":
         return "stage2", upcycled, _corpora(tmp_path, [_entry(tmp_path, "el", [GOOD])]), [], "no corpus has role: old"
     if name == "stage2_dense":
@@ -52,19 +85,50 @@ def _case(name, tmp_path, world, upcycled):
     if name == "misspelt_key":
         return "stage1", dense, corpora, ["--lerning_rate", "1e-3"], "did you mean 'learning_rate'"
     if name == "stage1_no_new":
-        return "stage1", dense, _corpora(tmp_path, [_entry(tmp_path, "en", [GOOD], role="old", language="en")]), [], "no corpus has role: new"
+        return (
+            "stage1",
+            dense,
+            _corpora(tmp_path, [_entry(tmp_path, "en", [GOOD], role="old", language="en")]),
+            [],
+            "no corpus has role: new",
+        )
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["malformed_json", "missing_text_field", "empty_corpus", "unknown_role", "stage2_no_old",
-                                  "stage2_dense", "stage1_upcycled", "misspelt_key", "stage1_no_new"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "malformed_json",
+        "missing_text_field",
+        "empty_corpus",
+        "unknown_role",
+        "stage2_no_old",
+        "stage2_dense",
+        "stage1_upcycled",
+        "misspelt_key",
+        "stage1_no_new",
+    ],
+)
 def test_bad_input_exits_2_with_one_line(name, tmp_path, world, upcycled, capsys):
     import re
 
     recipe, model, corpora, extra, message = _case(name, tmp_path, world, upcycled)
     out = tmp_path / "out"
-    rc = main(["train", str(TINY_RECIPES / f"{recipe}.yaml"), "--model", str(model), "--corpora", str(corpora),
-               "--output_dir", str(out), "--max_steps", "1", *extra])
+    rc = main(
+        [
+            "train",
+            str(TINY_RECIPES / f"{recipe}.yaml"),
+            "--model",
+            str(model),
+            "--corpora",
+            str(corpora),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("moe-lpr train: error:"), err
@@ -75,6 +139,18 @@ def test_bad_input_exits_2_with_one_line(name, tmp_path, world, upcycled, capsys
 
 def test_existing_output_is_not_overwritten(world, upcycled, capsys):
     dense, corpora = world
-    rc = main(["train", str(TINY_RECIPES / "stage1.yaml"), "--model", str(dense), "--corpora", str(corpora),
-               "--output_dir", str(upcycled), "--max_steps", "1"])
+    rc = main(
+        [
+            "train",
+            str(TINY_RECIPES / "stage1.yaml"),
+            "--model",
+            str(dense),
+            "--corpora",
+            str(corpora),
+            "--output_dir",
+            str(upcycled),
+            "--max_steps",
+            "1",
+        ]
+    )
     assert rc == 2 and "already holds a trained model" in capsys.readouterr().err

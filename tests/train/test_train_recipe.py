@@ -14,8 +14,9 @@ BASE = {"model": "m", "corpora": "c.yaml", "output_dir": "out"}
 def test_training_args_are_collected_and_overrides_win(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: m\ncorpora: c.yaml\noutput_dir: out\nlearning_rate: 1.0e-4\ncontinue: true\nstage: 1\n")
-    recipe = load_recipe(path, ["--learning_rate", "3e-4", "--max_steps", "7", "--bf16", "--layers", "[0, 1]",
-                                "--num-experts=6"])
+    recipe = load_recipe(
+        path, ["--learning_rate", "3e-4", "--max_steps", "7", "--bf16", "--layers", "[0, 1]", "--num-experts=6"]
+    )
     assert recipe.training_args == {"output_dir": "out", "learning_rate": 3e-4, "max_steps": 7, "bf16": True}
     assert recipe.continue_ is True and recipe.layers == [0, 1] and recipe.num_experts == 6
     assert recipe.save_format == "full" and recipe.aux_loss_coef == 0.01 and recipe.lpr_loss_coef == 0.1
@@ -24,7 +25,12 @@ def test_training_args_are_collected_and_overrides_win(tmp_path):
 
 def test_parse_overrides_yaml_values():
     assert parse_overrides(["--a", "1", "--b", "true", "--c", "[1, 2]", "--d", "x", "--e"]) == {
-        "a": 1, "b": True, "c": [1, 2], "d": "x", "e": True}
+        "a": 1,
+        "b": True,
+        "c": [1, 2],
+        "d": "x",
+        "e": True,
+    }
     with pytest.raises(UserError, match="overrides look like"):
         parse_overrides(["stray"])
 
@@ -36,17 +42,20 @@ def test_misspelt_key_gets_a_suggestion():
         load_recipe({**BASE, "lpr_los_coef": 0.1})
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"method": "moelpr"}, "unknown method"),
-    ({"stage": 3}, "stage must be 1 or 2"),
-    ({"method": "full", "stage": 2}, "stage 2 exists only for method: moe"),
-    ({"method": "full", "save_format": "delta"}, "save_format: delta is only for method: moe"),
-    ({"lpr_loss_form": "double"}, "unknown lpr_loss_form"),
-    ({"cutoff_len": 0}, "cutoff_len must be a positive integer"),
-    ({"aux_loss_coef": -1}, "aux_loss_coef must be a number"),
-    ({"output_dir": None}, "needs output_dir"),
-    ({"streaming": True}, "streaming: true needs max_steps"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"method": "moelpr"}, "unknown method"),
+        ({"stage": 3}, "stage must be 1 or 2"),
+        ({"method": "full", "stage": 2}, "stage 2 exists only for method: moe"),
+        ({"method": "full", "save_format": "delta"}, "save_format: delta is only for method: moe"),
+        ({"lpr_loss_form": "double"}, "unknown lpr_loss_form"),
+        ({"cutoff_len": 0}, "cutoff_len must be a positive integer"),
+        ({"aux_loss_coef": -1}, "aux_loss_coef must be a number"),
+        ({"output_dir": None}, "needs output_dir"),
+        ({"streaming": True}, "streaming: true needs max_steps"),
+    ],
+)
 def test_validation_one_liners(bad, message):
     with pytest.raises(UserError, match=message) as err:
         load_recipe({**BASE, **bad})

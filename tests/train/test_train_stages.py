@@ -17,10 +17,36 @@ def stages(world, tmp_path_factory):
     dense, corpora = world
     out = tmp_path_factory.mktemp("stages")
     common = overrides(corpora=str(corpora))
-    assert main(["train", str(TINY_RECIPES / "stage1.yaml"), "--model", str(dense), "--output_dir", str(out / "s1"),
-                 *common, *overrides(**S1)]) == 0
-    assert main(["train", str(TINY_RECIPES / "stage2.yaml"), "--model", str(out / "s1"), "--output_dir",
-                 str(out / "s2"), *common, *overrides(**S2)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(TINY_RECIPES / "stage1.yaml"),
+                "--model",
+                str(dense),
+                "--output_dir",
+                str(out / "s1"),
+                *common,
+                *overrides(**S1),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(TINY_RECIPES / "stage2.yaml"),
+                "--model",
+                str(out / "s1"),
+                "--output_dir",
+                str(out / "s2"),
+                *common,
+                *overrides(**S2),
+            ]
+        )
+        == 0
+    )
     return dense, out / "s1", out / "s2"
 
 
@@ -89,8 +115,23 @@ def test_stage2_routes_old_languages_to_expert0_without_hurting_new(stages):
 def test_full_baseline_trains_the_dense_model(world, tmp_path):
     dense, corpora = world
     out = tmp_path / "full"
-    assert main(["train", str(TINY_RECIPES / "full.yaml"), "--model", str(dense), "--corpora", str(corpora),
-                 "--output_dir", str(out), "--max_steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(TINY_RECIPES / "full.yaml"),
+                "--model",
+                str(dense),
+                "--corpora",
+                str(corpora),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     model = moelpr.load_model(out)
     assert not isinstance(model, moelpr.MoELPRForCausalLM)
     base = dict(moelpr.load_model(dense).named_parameters())
@@ -102,8 +143,23 @@ def test_full_baseline_trains_the_dense_model(world, tmp_path):
 def test_lora_and_llama_pro_baselines_run(world, tmp_path, method):
     dense, corpora = world
     out = tmp_path / method
-    assert main(["train", str(TINY_RECIPES / f"{method}.yaml"), "--model", str(dense), "--corpora", str(corpora),
-                 "--output_dir", str(out), "--max_steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(TINY_RECIPES / f"{method}.yaml"),
+                "--model",
+                str(dense),
+                "--corpora",
+                str(corpora),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     model = moelpr.load_model(out)  # a plain dense model (LoRA merged; LLaMA-Pro with its added block)
     layers = model.config.num_hidden_layers
     assert layers == (3 if method == "llama_pro" else 2)
