@@ -28,7 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moelpr
-from moelpr.model.capture import capture_router_logits, moe_blocks
+from moelpr.model.capture import capture_routing, moe_blocks
 
 
 def build(args, device, dtype):
@@ -96,12 +96,12 @@ def experts_hit(moe, ids, args) -> float:
         do_sample=False,
         pad_token_id=0,
     )
-    with capture_router_logits(moe) as logits:
+    with capture_routing(moe) as routing:
         moe(input_ids=out)
     batch, seq = out.shape
     hits = []
-    for block, layer_logits in zip(moe_blocks(moe), logits):
-        chosen = block.route(layer_logits)[1].view(batch, seq, -1)[:, ids.shape[1] :]  # (B, new, k)
+    for layer in routing:
+        chosen = layer.experts.view(batch, seq, -1)[:, ids.shape[1] :]  # (B, new, k)
         for pos in range(chosen.shape[1]):
             hits.append(chosen[:, pos].unique().numel())
     return statistics.mean(hits)

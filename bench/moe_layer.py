@@ -120,7 +120,7 @@ def build(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
 
 def expert_counts(block: MoEBlock, x: torch.Tensor) -> list[int]:
     with torch.no_grad():
-        _, experts = block.route(block.router_logits(x))
+        experts = block.route(x).experts
     return torch.bincount(experts.reshape(-1), minlength=block.num_experts).tolist()
 
 

@@ -168,6 +168,3 @@ def load_model(
             for name, tensor in delta.items():
                 params[name].copy_(tensor)
     return model.to(device) if device is not None else model
-
-
-MoELPRForCausalLM.delta_loader = staticmethod(load_model)  # AutoModelForCausalLM.from_pretrained(delta dir) works too

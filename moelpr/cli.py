@@ -1,8 +1,9 @@
 """`moe-lpr <verb>`: a thin verb → module table.
 
-Each verb lives in `moelpr.commands.<module>`, which defines `add_arguments(parser)` and `run(args)`.
-Modules are imported only when their verb runs, so `moe-lpr --help` stays fast. Bad input raises
-`UserError`; it is printed as one line and the process exits with status 2.
+Each verb lives in `moelpr.commands.<module>`, which defines `add_arguments(parser)`, `run(args)` and `EXAMPLE`
+(the command line that ends its help). A verb module imports nothing heavy at the top, so `moe-lpr --help`,
+`moe-lpr VERB --help`, `--version` and argument errors never import torch. Bad input raises `UserError`; it is
+printed as one line and the process exits with status 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "info": ("info", "show experts per layer, parameter counts and trainable sets of a model"),
     "train": ("train", "run a training recipe (MoE stage 1/2 or a baseline)"),
     "eval": ("eval", "per-language perplexity, bits per byte and routing statistics"),
-    "benchmark": ("benchmark", "run lm-evaluation-harness task suites on a model"),
+    "benchmark": ("benchmark", "run lm-evaluation-harness task suites on a model (accuracy benchmarks)"),
     "report": ("report", "render results files as a Markdown table and PNG figures"),
     "similarity": ("similarity", "per-layer cross-lingual similarity of MLP inputs (LayerMoE)"),
     "allocate": ("allocate", "per-layer expert counts from similarities (LayerMoE)"),
@@ -28,12 +29,38 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+def _version() -> str:
+    import moelpr
+
+    return f"moe-lpr {moelpr.__version__}"
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-lpr", description="MoE-LPR: add languages to an LLM without forgetting.")
+    parser = argparse.ArgumentParser(
+        prog="moe-lpr",
+        description="MoE-LPR: add languages to an LLM without forgetting.",
+        epilog="example:\n  moe-lpr train recipes/moe_lpr/qwen1.5-1.8b_stage1.yaml\n\n"
+        "moe-lpr VERB --help describes each verb.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (_, help_text) in VERBS.items():
         sub.add_parser(verb, help=help_text, add_help=False)
     return parser
+
+
+def verb_parser(verb: str):
+    """The verb's module and its argument parser (help ends with the verb's example)."""
+    module = importlib.import_module(f"moelpr.commands.{VERBS[verb][0]}")
+    parser = argparse.ArgumentParser(
+        prog=f"moe-lpr {verb}",
+        description=VERBS[verb][1],
+        epilog=f"example:\n  {module.EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return module, parser
 
 
 def _quiet_transformers() -> None:
@@ -48,24 +75,26 @@ def _quiet_transformers() -> None:
 
 def run_verb(verb: str, argv: list[str]) -> int:
     """Parse `argv` for `verb` and run it; a `UserError` propagates (`main` turns it into exit status 2)."""
-    module = importlib.import_module(f"moelpr.commands.{VERBS[verb][0]}")
-    parser = argparse.ArgumentParser(prog=f"moe-lpr {verb}", description=VERBS[verb][1])
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(argv)) or 0)
+    module, parser = verb_parser(verb)
+    args = parser.parse_args(argv)  # --help and argument errors exit here, before anything heavy is imported
+    _quiet_transformers()
+    return int(module.run(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+    if not argv or argv[0] not in VERBS:
         parser = _top_parser()
-        if argv and argv[0] not in ("-h", "--help"):
+        if argv and argv[0] not in ("-h", "--help", "--version"):
             parser.print_usage(sys.stderr)
             print(f"moe-lpr: error: unknown verb {argv[0]!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
             return 2
+        if argv and argv[0] == "--version":
+            print(_version())
+            return 0
         parser.print_help()
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
-    _quiet_transformers()
     try:
         return run_verb(verb, rest)
     except UserError as err:

@@ -5,8 +5,8 @@
     python scripts/memory_plan.py --stdout   # print the generated part instead of writing it
 
 Nothing is downloaded: the two dense configs' shapes are below (from their config.json). Activations are measured
-on replicas of each setting (`moelpr.analysis.memory_calibration.calibrate`), weights, gradients and optimizer
-state follow the engine rules of `moelpr.analysis.memory`; the DeepSpeed and FSDP settings come from the
+on replicas of each setting (`moelpr.scaling.calibrate.calibrate`), weights, gradients and optimizer
+state follow the engine rules of `moelpr.scaling.plan`; the DeepSpeed and FSDP settings come from the
 shipped recipes/deepspeed/*.json and recipes/accelerate/fsdp_config.json, the recipe rows from
 recipes/moe_lpr/*.yaml.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from moelpr.analysis.memory import DenseShape, Engine, MemoryPlan, MoELayout, TrainingSetup, parameter_counts, plan
-from moelpr.analysis.memory_calibration import Calibration, calibrate, process_peak
+from moelpr.scaling.calibrate import Calibration, calibrate, process_peak
+from moelpr.scaling.plan import DenseShape, Engine, MemoryPlan, MoELayout, TrainingSetup, parameter_counts, plan
 from moelpr.utils.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ LAYOUT = MoELayout(num_experts=6, top_k=2)  # 5 new experts + the frozen origina
 GPUS = 8
 CAPACITY = 80 * 2**30
 HEADROOM = 0.9
-STAGES = {1: 1024, 2: 512}  # sequence length; both stages: global batch 512 sequences (method.md §1.3)
+STAGES = {1: 1024, 2: 512}  # sequence length; both stages: global batch 512 sequences (docs/method.md §3)
 GLOBAL_BATCH = 512
 MICRO = (1, 2, 4, 8, 16, 32, 64)
 ENGINE_NAMES = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp2": "FSDP2"}
@@ -265,7 +265,7 @@ def check_section(threads: int) -> str:
         "planned: weights + grads + AdamW + activations (phase) |",
         "|---|---|---|---|---|---|",
     ]
-    for precision, dispatch in (("fp32", "per_group"), ("bf16", "grouped")):
+    for precision, dispatch in (("fp32", "loop"), ("bf16", "grouped")):
         for checkpointing in (False, True):
             setup = dataclasses.replace(CHECK_SETUP, precision=precision, checkpointing=checkpointing)
             cal = calibrate(CHECK_SHAPE, CHECK_LAYOUT, setup, dispatch=dispatch, fresh=True)

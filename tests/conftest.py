@@ -1,8 +1,9 @@
+"""Environment and fixtures for every test. Shared helpers (`tiny`, `train_helpers`, `layermoe_helpers`) live in
+this directory, which pyproject's `[tool.pytest.ini_options] pythonpath` puts on the import path."""
+
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""`moe-lpr allocate`: experts per layer from LayerMoE similarities (method.md §2.3).
+"""`moe-lpr allocate`: experts per layer from LayerMoE similarities (docs/method.md §4).
 
 moe-lpr allocate --similarity similarity.json --budget 70 --output allocation.json [--model DIR]
 """
@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 from moelpr.errors import UserError
+
+EXAMPLE = "moe-lpr allocate --similarity runs/similarity.json --budget 72 --output runs/allocation.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +37,7 @@ def _num_layers(model_dir: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moelpr.analysis.allocation import (
+    from moelpr.layermoe.allocation import (
         allocate_experts,
         check_against_model,
         load_similarity,

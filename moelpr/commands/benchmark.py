@@ -22,6 +22,9 @@ def _limit(text: str) -> int | float:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+EXAMPLE = "moe-lpr benchmark --model runs/stage2 --suite moelpr-paper --output runs/stage2_bench.json"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moelpr.evaluate.harness import SUITES
 

@@ -15,6 +15,9 @@ def _codes(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+EXAMPLE = "moe-lpr demo --output runs/demo"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, metavar="DIR", help="output directory (reused by reruns)")
     parser.add_argument(

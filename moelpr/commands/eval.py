@@ -16,6 +16,8 @@ from pathlib import Path
 
 from moelpr.errors import UserError
 
+EXAMPLE = "moe-lpr eval --model runs/stage2 --corpora recipes/corpora/heldout.yaml --output runs/eval.json"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (dense, MoE-LPR full or delta checkpoint)")

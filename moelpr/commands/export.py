@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLE = "moe-lpr export --model runs/stage2 --format hf --output runs/stage2-hf"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="MoE-LPR model directory (full or delta)")

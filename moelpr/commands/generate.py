@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLE = "moe-lpr generate --model runs/stage2 --prompt 'Καλημέρα' --max-new-tokens 32 --greedy"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (dense, full or delta MoE-LPR)")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, TextStreamer
 
     import moelpr
-    from moelpr.export.generation import generate_ids, generation_kwargs
+    from moelpr.generation import generate_ids, generation_kwargs
 
     kwargs = generation_kwargs(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy, top_p=args.top_p

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLE = "moe-lpr info runs/stage1"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory (dense, full or delta MoE-LPR)")
@@ -12,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import moelpr
     from moelpr.checkpoint import is_delta_dir
-    from moelpr.moe.freeze import parameter_counts
+    from moelpr.upcycling.freeze import parameter_counts
 
     model = moelpr.load_model(args.model)
     if not isinstance(model, moelpr.MoELPRForCausalLM):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLE = "moe-lpr report runs/eval_base.json runs/eval_stage2.json --output runs/report"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", metavar="RESULTS.json", help="results files, base first")

@@ -1,4 +1,4 @@
-"""`moe-lpr similarity`: per-layer cross-lingual similarity of MLP inputs (LayerMoE, method.md §2.2).
+"""`moe-lpr similarity`: per-layer cross-lingual similarity of MLP inputs (LayerMoE, docs/method.md §4).
 
 moe-lpr similarity --model DIR --corpora corpora.yaml --output similarity.json [--tokens 100000]
 """
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moelpr.errors import UserError
+
+EXAMPLE = "moe-lpr similarity --model Qwen1.5-1.8B --corpora recipes/corpora/review_en_zh_es_el_hu_tr.yaml --output runs/similarity.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,21 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "e.g. lifelong step 2 measures bn,hi,ne against en,es,zh,el,hu,tr",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-
-
-def _load(path: str) -> Any:
-    """The model in `path`: `moelpr.load_model` when the core provides it, else a stock HF causal LM."""
-    try:
-        import moelpr
-
-        load_model = getattr(moelpr, "load_model", None)
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(path)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
 
 
 def _chain_documents(corpora: list[Any]) -> Iterator[str]:
@@ -76,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from moelpr.analysis.similarity import compute_similarity
+    from moelpr.checkpoint import load_model
     from moelpr.data.corpus import load_corpora
+    from moelpr.layermoe.similarity import compute_similarity
     from moelpr.utils.atomic import atomic_write_json
 
     model_dir = Path(args.model)
@@ -102,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     texts = {lang: _nonempty_or_fail(lang, docs) for lang, docs in texts.items()}  # before the slow model load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = _load(str(model_dir)).to(device)
+    model = load_model(model_dir, device=device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     result = compute_similarity(
         model,

@@ -1,14 +1,12 @@
 """`moe-lpr upcycle`: dense model directory → MoE-LPR model directory, streamed tensor by tensor.
 
 The dense safetensors checkpoint is read lazily and the MoE checkpoint written shard by shard
-(`moelpr.moe.stream_upcycle`), so the peak memory is about one output shard plus one layer, not the model.
+(`moelpr.upcycling.stream`), so the peak memory is about one output shard plus one layer, not the model.
 """
 
 from __future__ import annotations
 
 import argparse
-
-from moelpr.moe.stream_upcycle import DEFAULT_MAX_SHARD_SIZE
 
 
 def _layers(text: str) -> list[int]:
@@ -28,6 +26,9 @@ def _num_experts(text: str) -> int | list[int]:
             f"--num-experts takes a count or one count per layer like 2,3,3,2, got {text!r}"
         ) from None
     return values[0] if len(values) == 1 else values
+
+
+EXAMPLE = "moe-lpr upcycle --model Qwen1.5-1.8B --num-experts 6 --top-k 2 --output Qwen1.5-1.8B-moe"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,17 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
-        help=f"largest output weights file, e.g. 2GB or 500MB; the peak memory is about one shard "
-        f"plus one layer's experts (default {DEFAULT_MAX_SHARD_SIZE})",
+        default="2GB",
+        help="largest output weights file, e.g. 2GB or 500MB; the peak memory is about one shard "
+        "plus one layer's experts (default 2GB, as save_pretrained)",
     )
     parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
 
 def run(args: argparse.Namespace) -> None:
-    from moelpr.moe.freeze import parameter_summary
-    from moelpr.moe.stream_upcycle import stream_upcycle
+    from moelpr.upcycling.freeze import parameter_summary
+    from moelpr.upcycling.stream import stream_upcycle
 
     moe = stream_upcycle(
         args.model,

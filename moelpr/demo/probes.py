@@ -1,7 +1,7 @@
 """What a bias-free linear router can do at all, per layer: the measurements behind docs/demo.md's (a) and (b).
 
 The MoE-LPR router of a layer is `softmax(W x)`, W of shape `(E, H)` without a bias, on the MLP input x
-(method.md §1.1). Two convex fits on the routers' real inputs (validation tokens, captured with forward
+(docs/method.md §1). Two convex fits on the routers' real inputs (validation tokens, captured with forward
 pre-hooks on the MLPs) bound what any amount of stage-2 training could reach:
 
 - `lpr_only`: W minimising the LPR loss alone, −mean log G₀(x) over old-language tokens (no LM loss, no new

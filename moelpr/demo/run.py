@@ -6,7 +6,7 @@ the same number of optimiser steps × blocks:
     base               the dense model pretrained here, English-centric: the old languages plus a small share of
                          new-language pages that no later run sees (no further training)
     full / lora /      baselines: stage1_steps + stage2_steps on the stage-1 text plus the old-language replay
-    llama_pro /          (method.md §1.3: the paper trains its baselines on the same data plus the replay set);
+    llama_pro /          (docs/method.md §3: the paper trains its baselines on the same data plus the replay set);
     moe_one_stage /      moe_one_stage is the paper's "MoE" (upcycled, every parameter trained in one stage),
     loramoe              loramoe LoRAMoE (LoRA experts with a router on every MLP linear, all active)
     moe_stage1         MoE-LPR stage 1 only (the paper's "w/o Review")

@@ -1,7 +1,7 @@
 """Evaluation: per-language perplexity / bits per byte, routing statistics, lm-eval integration, reports.
 
 - `evaluate_corpora` (perplexity.py): held-out perplexity, bits per byte and routing per language.
-- `routing_sums` / `RoutingSums` (routing.py): routing statistics from router logits.
+- `RoutingSums` / `routing_counts` (routing.py): statistics of the routing the MoE blocks applied.
 - `moelpr.evaluate.harness`: `run_benchmark` (stock lm-eval `hf` with remote code) and the papers' task suites
   (needs `moelpr[eval]`).
 - `render_report` (report.py): Markdown table and PNG figures from results files.
@@ -13,14 +13,16 @@ import os
 from pathlib import Path
 
 from moelpr.errors import UserError
-from moelpr.evaluate.perplexity import (
-    context_length,
-    evaluate_corpora,
-    evaluate_texts,
-    prefix_token_id,
-    rolling_windows,
-)
-from moelpr.evaluate.routing import RoutingSums, routing_sums
+
+_LAZY = {  # imported when first used (PEP 562): `moe-lpr benchmark --help` and `report` stay free of torch
+    "context_length": "perplexity",
+    "evaluate_corpora": "perplexity",
+    "evaluate_texts": "perplexity",
+    "prefix_token_id": "perplexity",
+    "rolling_windows": "perplexity",
+    "RoutingSums": "routing",
+    "routing_counts": "routing",
+}
 
 __all__ = [
     "RoutingSums",
@@ -32,10 +34,18 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "rolling_windows",
-    "routing_sums",
+    "routing_counts",
 ]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'moelpr.evaluate' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 
 def resolve_dtype(name: str | None):

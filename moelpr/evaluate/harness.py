@@ -15,7 +15,7 @@ Perplexity tasks: lm-eval's rolling loglikelihood prepends BOS itself, so with a
 scores BOS→BOS once per document (lm-eval #3333 family), for dense and MoE models alike; `moe-lpr eval` scores
 documents without that duplicate. The papers' suites are multiple-choice tasks, which this does not affect.
 
-The suites (YAML groups in `moelpr/evaluate/tasks/`, see `PAPER_BENCHMARKS`) follow method.md §1.4/§2.9:
+The suites (YAML groups in `moelpr/evaluate/tasks/`, see `PAPER_BENCHMARKS`) follow docs/method.md §5:
 ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU 5-shot and Belebele 5-shot for en/zh/es (old) and
 el/hu/tr (new), using the Okapi translations lm-eval ships. lm-eval has no Okapi task for ARC el/tr,
 HellaSwag zh/el/tr and MMLU el/tr; `moelpr_substitutes` offers other translations for some of them.
@@ -34,7 +34,6 @@ from typing import Any
 
 from moelpr.errors import UserError
 from moelpr.evaluate import resolve_device
-from moelpr.model import DELTA_META
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 OLD_LANGUAGES = ("en", "zh", "es")
@@ -181,6 +180,8 @@ def run_benchmark(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
+
+    from moelpr.model.modeling_moelpr import DELTA_META
 
     if not Path(model_dir).is_dir():
         raise UserError(f"model directory {model_dir} does not exist; pass --model DIR written by save_pretrained")

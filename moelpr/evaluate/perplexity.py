@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from moelpr.errors import UserError
-from moelpr.evaluate.routing import RoutingSums, routing_sums
+from moelpr.evaluate.routing import RoutingSums
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM._DEFAULT_MAX_LENGTH
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
@@ -145,8 +145,8 @@ def _score_batch(
         row_nll = F.cross_entropy(out.logits[i].float(), targets[i].to(device), reduction="none")  # (S,)
         nll += float(row_nll[scored[i].to(device)].double().sum())
     sums = RoutingSums()
-    if top_k is not None and out.router_logits:
-        sums = routing_sums(out.router_logits, routed, top_k)
+    if top_k is not None and out.routing:
+        sums = RoutingSums.of(out.routing, routed)
     return nll, sums
 
 

@@ -1,85 +1,103 @@
-"""Routing statistics from router logits: pure functions of tensors, summed across batches.
+"""Routing statistics, derived from the routing the MoE blocks applied (`moelpr.model.layer.Routing`).
 
-The model contract (docs/design.md): `router_logits` is a tuple with one float32 `(N, E_l)` tensor per MoE
-layer, N = B·S tokens in row-major order, column 0 = the frozen original expert. The router probability is
-the softmax over all of a layer's experts (method.md §1.1), top-k is taken on it with k capped at E_l.
+One mechanism serves `moe-lpr eval` (per language) and the training monitor (per language role): for each
+group of tokens (a row of a mask) and each MoE layer, `routing_counts` sums on the device the token count,
+how many tokens' outputs take expert 0, expert 0's weight in their output mix (1 = the original FFN alone;
+a token a LayerMoE classifier confined to expert 0 counts 1) and each expert's router probability. Sums
+add across batches without leaving the device; `RoutingSums.summary` turns them into means.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+from moelpr.model.layer import Routing
+
+STATS = ("tokens", "expert0_in_topk", "expert0_weight")
+"""The per-layer scalar sums, in the order they lead each layer's block of `routing_counts` (then the E_l
+router-probability sums)."""
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums over millions of tokens, float32 where the device has no float64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def routing_counts(routing: Sequence[Routing], masks: torch.Tensor) -> torch.Tensor:
+    """Sums per token group and MoE layer, `(R, Σ_l (3 + E_l))`, on the routing's device.
+
+    Args:
+        routing: one `Routing` per MoE layer over the same N tokens.
+        masks: `(R, N)` or `(R, B, S)` bool, which tokens each of R groups counts.
+    """
+    device = routing[0].logits.device
+    dtype = sum_dtype(device)
+    m = masks.reshape(masks.shape[0], -1).to(device, dtype)  # (R, N)
+    blocks = []
+    for layer in routing:
+        if layer.logits.shape[0] != m.shape[1]:
+            raise ValueError(f"the routing covers {layer.logits.shape[0]} tokens but the masks have {m.shape[1]}")
+        chosen0 = layer.chosen()[:, 0]  # (N,) expert 0 among the applied picks
+        per_token = torch.stack([chosen0, layer.expert0_weight()], dim=1).to(dtype)  # (N, 2)
+        probs = layer.logits.softmax(dim=-1).to(dtype)  # (N, E)
+        blocks.append(torch.cat([m.sum(dim=1, keepdim=True), m @ per_token, m @ probs], dim=1))  # (R, 3 + E)
+    return torch.cat(blocks, dim=1)
 
 
 @dataclass
 class RoutingSums:
-    """Per-MoE-layer sums over the counted tokens; add two to merge batches, `summary()` to average.
+    """`routing_counts` of one token group, added up over batches; `summary()` averages them.
 
     Attributes:
-        prob_sum: per layer, the sum over tokens of the router probability of each expert, `(E_l,)` float64.
-        top_k_has_expert0: per layer, how many tokens had expert 0 among their top-k.
-        expert0_weight_sum: per layer, the sum of expert 0's weight in the tokens' output mix (its renormalised
-            top-k weight; with k = 1 its raw probability, as `MoEBlock.route`); 1 = the original FFN alone.
-        tokens: how many tokens were counted (the same for every layer).
+        counts: `(Σ_l (3 + E_l),)` sums (see `routing_counts`), None before the first batch.
+        experts: E_l per MoE layer.
     """
 
-    prob_sum: list[torch.Tensor] = field(default_factory=list)
-    top_k_has_expert0: list[int] = field(default_factory=list)
-    expert0_weight_sum: list[float] = field(default_factory=list)
-    tokens: int = 0
+    counts: torch.Tensor | None = None
+    experts: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, routing: Sequence[Routing], mask: torch.Tensor) -> RoutingSums:
+        """The sums over the tokens where `mask` (`(B, S)` or `(N,)`) is true."""
+        return cls(routing_counts(routing, mask[None])[0], tuple(r.logits.shape[-1] for r in routing))
 
     def __add__(self, other: RoutingSums) -> RoutingSums:
-        if not self.prob_sum:
+        if self.counts is None:
             return other
-        if not other.prob_sum:
+        if other.counts is None:
             return self
-        if [p.numel() for p in self.prob_sum] != [p.numel() for p in other.prob_sum]:
+        if self.experts != other.experts:
             raise ValueError("cannot add routing sums of models with different expert layouts")
-        return RoutingSums(
-            prob_sum=[a + b for a, b in zip(self.prob_sum, other.prob_sum)],
-            top_k_has_expert0=[a + b for a, b in zip(self.top_k_has_expert0, other.top_k_has_expert0)],
-            expert0_weight_sum=[a + b for a, b in zip(self.expert0_weight_sum, other.expert0_weight_sum)],
-            tokens=self.tokens + other.tokens,
-        )
+        return RoutingSums(self.counts + other.counts.to(self.counts.device), self.experts)
+
+    def per_layer(self) -> list[dict[str, float | list[float]]]:
+        """Per MoE layer: `tokens`, `expert0_in_topk`, `expert0_weight` and `prob` (each expert's) sums (host)."""
+        return split_counts(self.counts.cpu().tolist(), self.experts) if self.counts is not None else []
 
     def summary(self, layers: Sequence[int] | None = None) -> dict:
         """JSON-ready means: `mean_prob` `[[per expert] per layer]`, `top_k_has_expert0` and `expert0_weight`
-        `[per layer]` (shares of the tokens, mean mix weight).
-
-        Args:
-            layers: the model's indices of the MoE layers (default 0, 1, ...), stored under `layers`.
-        """
-        n = max(self.tokens, 1)
+        `[per layer]` (shares of the tokens, mean mix weight), `layers` (the model's MoE layer indices, default
+        0, 1, ...) and `tokens`."""
+        rows = self.per_layer()
+        tokens = int(rows[0]["tokens"]) if rows else 0
+        n = max(tokens, 1)
         return {
-            "mean_prob": [[float(v) / n for v in p.tolist()] for p in self.prob_sum],
-            "top_k_has_expert0": [c / n for c in self.top_k_has_expert0],
-            "expert0_weight": [w / n for w in self.expert0_weight_sum],
-            "layers": list(layers) if layers is not None else list(range(len(self.prob_sum))),
-            "tokens": self.tokens,
+            "mean_prob": [[p / n for p in row["prob"]] for row in rows],
+            "top_k_has_expert0": [row["expert0_in_topk"] / n for row in rows],
+            "expert0_weight": [row["expert0_weight"] / n for row in rows],
+            "layers": list(layers) if layers is not None else list(range(len(rows))),
+            "tokens": tokens,
         }
 
 
-def routing_sums(router_logits: Sequence[torch.Tensor], token_mask: torch.Tensor, top_k: int) -> RoutingSums:
-    """Sum router probabilities and expert-0-in-top-k counts over the tokens where `token_mask` is true.
-
-    Args:
-        router_logits: one `(N, E_l)` tensor per MoE layer, N = B·S.
-        token_mask: `(B, S)` or `(N,)`, true for the tokens to count (e.g. not padding).
-        top_k: experts per token (capped at each layer's expert count).
-    """
-    mask = token_mask.reshape(-1).bool()  # (N,)
-    sums = RoutingSums(tokens=int(mask.sum()))
-    for logits in router_logits:
-        if logits.shape[0] != mask.shape[0]:
-            raise ValueError(f"router logits cover {logits.shape[0]} tokens but the mask has {mask.shape[0]}")
-        kept = logits[mask.to(logits.device)].float()  # (n, E)
-        probs = kept.softmax(dim=-1)  # (n, E)
-        k = min(top_k, probs.shape[-1])
-        top, chosen = probs.topk(k, dim=-1)  # (n, k)
-        weights = top / top.sum(dim=-1, keepdim=True) if k > 1 else top  # (n, k) the output mix
-        sums.prob_sum.append(probs.sum(dim=0).double().cpu())  # (E,)
-        sums.top_k_has_expert0.append(int((chosen == 0).any(dim=-1).sum()))
-        sums.expert0_weight_sum.append(float((weights * (chosen == 0)).sum()))
-    return sums
+def split_counts(flat: Sequence[float], experts: Sequence[int]) -> list[dict[str, float | list[float]]]:
+    """One group's flat `routing_counts` row → per MoE layer `{tokens, expert0_in_topk, expert0_weight, prob}`."""
+    rows, start = [], 0
+    for e in experts:
+        block = flat[start : start + len(STATS) + e]
+        rows.append({**dict(zip(STATS, block[: len(STATS)])), "prob": list(block[len(STATS) :])})
+        start += len(STATS) + e
+    return rows

@@ -27,13 +27,18 @@ _EXPECTED = (
 )
 
 
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The list of decoder layers of a HF causal LM (`lm.model.layers` for every supported family)."""
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
-    layers = getattr(decoder, "layers", None)
+def decoder(lm: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm; no LM head) of a HF causal LM or a `MoELPRForCausalLM`."""
+    stack = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
+    layers = getattr(stack, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise UserError(f"unsupported model {type(lm).__name__}: {_EXPECTED}")
-    return layers
+    return stack
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a HF causal LM (`lm.model.layers` for every supported family)."""
+    return decoder(lm).layers
 
 
 def mlp_layout(mlp: nn.Module) -> str | None:

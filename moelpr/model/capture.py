@@ -1,8 +1,8 @@
-"""Collect router (and classifier) logits during one forward pass, without global state.
+"""Collect each MoE layer's routing during forward passes, without global state.
 
-`capture_router_logits(model)` points every `MoEBlock.sink` at one list for the duration of the block;
-blocks append their float32 `(N, E)` logits as they run, i.e. in layer order. `capture_classifier_logits`
-does the same for LayerMoE classifiers.
+`capture_routing(model)` points every `MoEBlock.sink` at one list for the duration of the block; blocks append
+their `Routing` (the weights and experts they applied, the router and classifier logits) as they run, i.e. in
+layer order. `capture_router_logits` is the same capture keeping only each layer's float32 `(N, E)` logits.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .layer import MoEBlock
+from .layer import MoEBlock, Routing
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
@@ -21,28 +21,32 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return [module for module in model.modules() if isinstance(module, MoEBlock)]
 
 
+class _LogitsOnly(list):
+    """A sink that keeps each received routing's router logits."""
+
+    def append(self, routing: Routing) -> None:
+        super().append(routing.logits)
+
+
 @contextlib.contextmanager
-def _capture(blocks: list[MoEBlock], attribute: str) -> Iterator[list[torch.Tensor]]:
-    collected: list[torch.Tensor] = []
+def _capture(model: nn.Module, sink: list, enabled: bool) -> Iterator[list]:
+    blocks = moe_blocks(model) if enabled else []
     for block in blocks:
-        setattr(block, attribute, collected)
+        block.sink = sink
     try:
-        yield collected
+        yield sink
     finally:
         for block in blocks:
-            setattr(block, attribute, None)
+            block.sink = None
+
+
+def capture_routing(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[list[Routing]]:
+    """Yield a list that receives each MoE layer's `Routing` for the forward passes run inside."""
+    return _capture(model, [], enabled)
 
 
 def capture_router_logits(
     model: nn.Module, enabled: bool = True
 ) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
-    """Yield a list that receives each MoE layer's router logits for the forward passes run inside."""
-    return _capture(moe_blocks(model) if enabled else [], "sink")
-
-
-def capture_classifier_logits(
-    model: nn.Module, enabled: bool = True
-) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
-    """Yield a list that receives each classifier layer's logits for the forward passes run inside."""
-    blocks = [b for b in moe_blocks(model) if b.classifier is not None] if enabled else []
-    return _capture(blocks, "classifier_sink")
+    """Yield a list that receives each MoE layer's float32 `(N, E)` router logits for the forward passes run inside."""
+    return _capture(model, _LogitsOnly(), enabled)

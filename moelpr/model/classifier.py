@@ -1,4 +1,4 @@
-"""LayerMoE's language-group classifier in front of the router (method.md §2.5, §3 decision 6).
+"""LayerMoE's language-group classifier in front of the router (docs/method.md §4, §3 decision 6).
 
 Class c confines a token to the experts of expansion groups < c (class 0: the original expert alone, at
 weight 1); the last class may use every expert. So with one expansion, class 0 = old languages → expert 0,

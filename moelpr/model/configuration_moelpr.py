@@ -10,6 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .errors import UserError
+from .options import DEFAULTS, check_positive_int, check_settings
 
 
 class MoELPRConfig(PreTrainedConfig):
@@ -21,10 +22,11 @@ class MoELPRConfig(PreTrainedConfig):
         expert_groups: new experts per expansion group and layer, `[[g0_l0, g0_l1, ...], [g1_l0, ...]]`;
             lifelong expansion appends groups. Default: one group with `experts_per_layer[l] − 1`.
         num_experts_per_tok: experts per token, top-k (capped at a layer's expert count).
-        aux_loss_coef / lpr_loss_coef / cls_loss_coef: weights of the balance, LPR and classifier losses.
+        aux_loss_coef / lpr_loss_coef / cls_loss_coef: weights of the balance, LPR and classifier losses (the
+            papers' 0.01 / 0.1 / 0.1 by default; a training stage sets the ones it does not use to 0).
         balance_loss_form: "mixtral" (official code, ≈ k when balanced) or "paper" (÷ k).
         lpr_loss_form: "paper" (−log G_0) or "official" (CE on the softmax probabilities).
-        lpr_loss_reduction: "mean" over (MoE layer, old token) pairs (official code, method.md §3.1) or "sum" over
+        lpr_loss_reduction: "mean" over (MoE layer, old token) pairs (official code, docs/method.md §2.3) or "sum" over
             layers and old tokens per LM target token (the paper's Σ_{t∈B}, on the NTP loss's scale).
         classifier_layers: LayerMoE layers with a language-group classifier in front of the router.
         classifier_groups: classes of that classifier (2 for one expansion, 3 after G0 → G1 → G2).
@@ -33,6 +35,7 @@ class MoELPRConfig(PreTrainedConfig):
         lm_loss_chunk_size: target tokens per chunk of the memory-lean LM loss.
         completed_stage: the last training stage finished (0 = just upcycled, 1, 2); lifelong expansion needs 2.
         expert_init: how the first group's new experts started ("copy" of expert 0, or "random"); provenance.
+        moe_dispatch: how MoE blocks run their experts ("auto" picks by device; see `dispatch.py`).
         loramoe: the LoRAMoE baseline instead of upcycled experts: `{"experts": E, "rank": r, "alpha": α}`
             LoRA experts with a softmax router on every MLP linear (`loramoe.py`); every layer stays dense.
     """
@@ -43,21 +46,22 @@ class MoELPRConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     experts_per_layer: list[int] | None = None
     expert_groups: list[list[int]] | None = None
-    num_experts_per_tok: int = 2
-    aux_loss_coef: float = 0.01
-    lpr_loss_coef: float = 0.0
-    cls_loss_coef: float = 0.0
-    balance_loss_form: str = "mixtral"
-    lpr_loss_form: str = "paper"
-    lpr_loss_reduction: str = "mean"
+    num_experts_per_tok: int = DEFAULTS["num_experts_per_tok"]
+    aux_loss_coef: float = DEFAULTS["aux_loss_coef"]
+    lpr_loss_coef: float = DEFAULTS["lpr_loss_coef"]
+    cls_loss_coef: float = DEFAULTS["cls_loss_coef"]
+    balance_loss_form: str = DEFAULTS["balance_loss_form"]
+    lpr_loss_form: str = DEFAULTS["lpr_loss_form"]
+    lpr_loss_reduction: str = DEFAULTS["lpr_loss_reduction"]
     classifier_layers: list[int] | None = None
     classifier_groups: int = 2
-    classifier_pooling: str = "sequence"
+    classifier_pooling: str = DEFAULTS["classifier_pooling"]
     base_model_path: str | None = None
     base_fingerprint: str | None = None
     lm_loss_chunk_size: int = 1024
     completed_stage: int = 0
-    expert_init: str = "copy"
+    expert_init: str = DEFAULTS["expert_init"]
+    moe_dispatch: str = DEFAULTS["moe_dispatch"]
     loramoe: dict | None = None
     tie_word_embeddings: bool = False
 
@@ -80,14 +84,9 @@ class MoELPRConfig(PreTrainedConfig):
                 f"experts_per_layer {self.experts_per_layer} does not match the model's {layers} layers "
                 f"and expert_groups {self.expert_groups}"
             )
-        if self.balance_loss_form not in ("mixtral", "paper"):
-            raise UserError(f"balance_loss_form must be 'mixtral' or 'paper', got {self.balance_loss_form!r}")
-        if self.lpr_loss_form not in ("paper", "official"):
-            raise UserError(f"lpr_loss_form must be 'paper' or 'official', got {self.lpr_loss_form!r}")
-        if self.lpr_loss_reduction not in ("mean", "sum"):
-            raise UserError(f"lpr_loss_reduction must be 'mean' or 'sum', got {self.lpr_loss_reduction!r}")
-        if self.classifier_pooling not in ("sequence", "token"):
-            raise UserError(f"classifier_pooling must be 'sequence' or 'token', got {self.classifier_pooling!r}")
+        check_settings(self)
+        check_positive_int("num_experts_per_tok", self.num_experts_per_tok)
+        check_positive_int("lm_loss_chunk_size", self.lm_loss_chunk_size)
 
         if self.loramoe is not None:
             spec = self.loramoe

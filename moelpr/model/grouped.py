@@ -1,11 +1,14 @@
-"""Grouped matmuls for the stacked experts on accelerators, and the dtype every expert matmul runs in.
+"""Grouped matmuls for the experts, and the dtype every expert matmul runs in.
 
-`F.grouped_mm` serves all experts of a group in one call per projection (fewer launches, offsets stay on
-the device). Support is probed once per (device type, dtype) with a tiny forward+backward, so no CUDA-only
-call runs without a fallback; where it fails (e.g. Ascend NPUs, odd strides), and always on CPU, the
-per-expert loop of `looped.py` serves instead: on CPU a matmul costs the same inside or outside
-`grouped_mm`, and the loop saves the element-wise passes and fresh allocations over all routed rows at once
-(docs/benchmarks.md §1).
+A grouped matmul multiplies consecutive row blocks of one matrix by one weight each (rows sorted by expert,
+block sizes given as cumulative int32 offsets on the device), so all experts of a layer take one call per
+projection and no count crosses to the host. Two kernels:
+
+- "torch": `F.grouped_mm`. Fused (CUTLASS) on CUDA compute capability ≥ 9.0; below that PyTorch copies the
+  offsets to the host and runs one matmul per group, i.e. it synchronises.
+- "triton": DeepSpeed's Triton grouped GEMM (`deepspeed.ops.triton_ops.group_gemm_triton`, forward and
+  backward), one fused kernel with no host synchronisation on Ampere (sm 8.x). Needs deepspeed and Triton
+  (CUDA builds of torch ship Triton); imported only when used.
 
 Expert matmuls run in `compute_dtype(x)`: autocast's dtype where autocast is on for x's device (float32
 master weights are cast, as `F.linear` does under autocast), else x's dtype.
@@ -13,13 +16,10 @@ master weights are cast, as `F.linear` does under autocast), else x's dtype.
 
 from __future__ import annotations
 
-import threading
+import functools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -33,67 +33,27 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _probe(device: torch.device, dtype: torch.dtype) -> bool:
-    key = (device.type, dtype)
-    if key not in _SUPPORT:
-
-        def attempt() -> None:
-            try:
-                a = torch.randn(6, 8, device=device, dtype=dtype, requires_grad=True)
-                b = torch.randn(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
-                offs = torch.tensor([2, 6], device=device, dtype=torch.int32)
-                F.grouped_mm(a, b, offs=offs).square().sum().backward()
-                _SUPPORT[key] = True
-            except Exception:  # any failure means "use the loop": unsupported device, dtype or build
-                _SUPPORT[key] = False
-
-        # On its own thread: autograd state (grad mode, autocast, activation-checkpointing hooks) is
-        # thread-local, so the probe leaves no trace in a forward pass that happens to trigger it.
-        thread = threading.Thread(target=attempt)
-        thread.start()
-        thread.join()
-    return _SUPPORT[key]
+def aligned(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether grouped kernels can take these weights' rows in x's compute dtype (16-byte aligned strides)."""
+    size = compute_dtype(x).itemsize
+    return all(n * size % 16 == 0 for w in weights for n in w.shape[-2:])
 
 
-def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when `F.grouped_mm` can serve `x @ weight[g].T` here (16-byte aligned rows, supported dtype)."""
-    if not hasattr(F, "grouped_mm"):
+@functools.cache
+def triton_kernel_available() -> bool:
+    """Whether DeepSpeed's Triton grouped GEMM can run here (deepspeed installed, Triton with an active GPU)."""
+    try:
+        from deepspeed.ops.triton_ops._triton import is_triton_available
+    except Exception:  # deepspeed missing or failing to import: the kernel is not available
         return False
-    dtype = compute_dtype(x)
-    if any(n * dtype.itemsize % 16 for n in weight.shape[-2:]):
-        return False
-    return _probe(x.device, dtype)
+    return bool(is_triton_available())
 
 
-def use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether expert matmuls here take `grouped_mm`: off CPU where it is available (module docstring)."""
-    return x.device.type != "cpu" and grouped_mm_available(x, weight)
+def grouped_matmul(kernel: str, rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`rows[group e] @ weight[e].T` for every group: rows `(M, K)` sorted by group, weight `(E, N, K)` in the
+    `nn.Linear` layout, offsets `(E,)` int32 cumulative ends → `(M, N)`."""
+    if kernel == "triton":
+        from deepspeed.ops.triton_ops.group_gemm_triton import group_gemm_triton
 
-
-def grouped_mlps(
-    xs: torch.Tensor,
-    counts: list[int],
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    gate_up_bias: torch.Tensor | None,
-    down_bias: torch.Tensor | None,
-    act_fn: nn.Module,
-) -> torch.Tensor:
-    """Gated MLPs, one `grouped_mm` per projection: rows `(M, H)` sorted by expert → outputs `(M, H)`.
-
-    `counts[e]` rows belong to expert e; `gate_up` `(E, 2I, H)` rows [gate; up], `down` `(E, H, I)`, biases
-    `(E, 2I)` / `(E, H)` or None. The result is in `compute_dtype(xs)`.
-    """
-    dtype = compute_dtype(xs)
-    gate_up, down = cast(gate_up, dtype), cast(down, dtype)  # under autocast this copies every expert
-    xs = xs.to(dtype)
-    sizes = torch.tensor(counts, device=xs.device)  # (E,)
-    offsets = sizes.cumsum(0).to(torch.int32)  # (E,)
-    h = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offsets)  # (M, 2I)
-    if gate_up_bias is not None:
-        h = h + cast(gate_up_bias, dtype).repeat_interleave(sizes, dim=0, output_size=xs.shape[0])
-    gate, up = h.chunk(2, dim=-1)  # (M, I) each
-    y = F.grouped_mm(act_fn(gate) * up, down.transpose(-2, -1), offs=offsets)  # (M, H)
-    if down_bias is not None:
-        y = y + cast(down_bias, dtype).repeat_interleave(sizes, dim=0, output_size=xs.shape[0])
-    return y
+        return group_gemm_triton(rows, weight.contiguous(), offsets, trans_b=True)
+    return F.grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)

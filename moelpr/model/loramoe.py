@@ -1,4 +1,4 @@
-"""LoRAMoE (Dou et al., 2023), the MoE-LPR paper's baseline (method.md §1.3): LoRA experts on the FFN.
+"""LoRAMoE (Dou et al., 2023), the MoE-LPR paper's baseline (docs/method.md §3): LoRA experts on the FFN.
 
 Each linear of a decoder layer's MLP (gate/up/down, or Phi-3's fused gate_up/down) keeps its frozen weight
 W0 and gets E LoRA experts B_e·A_e mixed by a softmax router over all of them (every expert active):

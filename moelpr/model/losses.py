@@ -1,54 +1,92 @@
-"""MoE-LPR losses as pure functions of explicit tensors (method.md §1.2, §3).
+"""The training losses as pure functions of explicit tensors (docs/method.md has each equation and its source),
+and `step_loss`, the one place where they are weighted into the loss that trains.
 
-Router logits come as a sequence with one float tensor `(N, E_l)` per MoE layer (N = B·S tokens, column 0
-= the frozen original expert). Token masks are `(B, S)` or `(N,)`.
+Routing comes as a sequence with one `Routing` per MoE layer (`layer.py`: the applied experts and weights, and
+the float32 router logits `(N, E_l)`, N = B·S tokens, column 0 = the frozen original expert). Token masks are
+`(B, S)` or `(N,)`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .options import check_choice
+
+if TYPE_CHECKING:
+    from .layer import Routing
+
+COEFFICIENT_OF = {"aux_loss": "aux_loss_coef", "lpr_loss": "lpr_loss_coef", "cls_loss": "cls_loss_coef"}
+"""Each weighted term and the config field holding its coefficient; `lm_loss` has weight 1."""
+
+
+def step_loss(
+    terms: Mapping[str, torch.Tensor | None],
+    config,
+    *,
+    global_terms: frozenset[str] = frozenset(),
+    split: tuple[int, int] = (1, 1),
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The loss that trains: lm + α·aux + γ·lpr + β·cls over the terms present whose coefficient is not 0.
+
+    Each term is scaled to its share of one optimizer step whose batch is split over `split = (processes,
+    micro_batches)`, so a step gets the same loss however its batch is split (gradient accumulation, processes):
+    a term in `global_terms` is a sum normalised by a count over the whole step (LM: its target tokens; LPR: its
+    target or old-language tokens), so ×processes undoes the data-parallel gradient averaging; any other term is a
+    mean over one forward pass (balance, classifier; the official code's), so ÷micro_batches, and the averaging
+    over processes makes it the mean over the step's forwards.
+
+    Returns:
+        The loss (None when no term is present) and the scaled terms that entered it (before their coefficients).
+    """
+    processes, micro_batches = split
+    scaled: dict[str, torch.Tensor] = {}
+    loss = None
+    for name, term in terms.items():
+        coef = 1.0 if name == "lm_loss" else getattr(config, COEFFICIENT_OF[name])
+        if term is None or not coef:
+            continue
+        scaled[name] = term * processes if name in global_terms else term / micro_batches
+        loss = coef * scaled[name] if loss is None else loss + coef * scaled[name]
+    return loss, scaled
+
 
 def load_balancing_loss(
-    router_logits: Sequence[torch.Tensor],
-    top_k: int,
-    token_mask: torch.Tensor | None = None,
-    form: Literal["mixtral", "paper"] = "mixtral",
+    routing: Sequence[Routing], token_mask: torch.Tensor | None = None, form: str = "mixtral"
 ) -> torch.Tensor:
     """Switch/Mixtral balance loss per MoE layer, averaged over layers, padding excluded.
 
-    Per layer: E · Σ_e f_e · P_e with f_e = share of tokens having e among their top-k (Σ f = k) and
-    P_e = mean router probability of e. That is the official code's value (≈ k when balanced).
-    `form="paper"` divides by k: the paper's L_balance with f_i = E/(K·T)·Σ_t 1{t selects i} (≈ 1 when balanced).
+    Per layer: E · Σ_e f_e · P_e with f_e = share of tokens whose output takes expert e (its top-k picks, Σ f = k;
+    a pick a LayerMoE classifier disallowed does not count) and P_e = mean router probability of e. That is the
+    official code's value (≈ k when balanced). `form="paper"` divides by k: the paper's L_balance with
+    f_i = E/(K·T)·Σ_t 1{t selects i} (≈ 1 when balanced).
     """
-    if not router_logits:
-        raise ValueError("load_balancing_loss needs the router logits of at least one MoE layer")
+    check_choice("balance_loss_form", form)
+    if not routing:
+        raise ValueError("load_balancing_loss needs the routing of at least one MoE layer")
     weight = None if token_mask is None else token_mask.reshape(-1, 1).to(torch.float32)  # (N, 1)
     per_layer = []
-    for logits in router_logits:
-        probs = logits.float().softmax(dim=-1)  # (N, E)
-        num_experts = probs.shape[-1]
-        k = min(top_k, num_experts)
-        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(k, dim=-1).indices, 1.0)  # (N, E) 0/1
+    for layer in routing:
+        probs = layer.logits.float().softmax(dim=-1)  # (N, E)
+        chosen = layer.chosen()  # (N, E) 0/1
         if weight is None:
             share, mean_prob = chosen.mean(0), probs.mean(0)  # (E,)
         else:
             count = weight.sum().clamp(min=1.0)
             share, mean_prob = (chosen * weight).sum(0) / count, (probs * weight).sum(0) / count  # (E,)
-        loss = num_experts * (share * mean_prob).sum()
-        per_layer.append(loss / k if form == "paper" else loss)
+        loss = probs.shape[-1] * (share * mean_prob).sum()
+        per_layer.append(loss / layer.experts.shape[-1] if form == "paper" else loss)
     return torch.stack(per_layer).mean()
 
 
 def lpr_loss(
     router_logits: Sequence[torch.Tensor],
     lang_mask: torch.Tensor,
-    form: Literal["paper", "official"] = "paper",
-    reduction: Literal["mean", "sum"] = "mean",
+    form: str = "paper",
+    reduction: str = "mean",
     num_tokens: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Language Priors Routing loss (MoE-LPR §3.2): push original-language tokens to expert 0.
@@ -57,18 +95,19 @@ def lpr_loss(
         paper:    ℓ_l(t) = −log G_0(t), G = softmax of layer l's router logits.
         official: the official code's CrossEntropyLoss applied to the softmax *probabilities* as if they were
                   logits (a double softmax, bounded below by log(1 + (E−1)/e)).
-    reduction:
-        mean: Σ_l Σ_{t old} ℓ_l(t) / (L · n_old), the mean over (MoE layer, old token) pairs (official code).
-        sum:  Σ_l Σ_{t old} ℓ_l(t) / `num_tokens`: the paper's L_LPR = −Σ_{t∈B} F(t) log G_0(t) summed over the
-              batch's old tokens (and over the L routers, each of which the paper's loss trains), on the scale of
-              an NTP loss that is a mean over `num_tokens` target tokens — so γ weighs LPR against NTP per token
-              exactly as the paper's sum-over-sum objective does. `num_tokens` defaults to the tokens in `lang_mask`.
+    reduction (both divide Σ_l Σ_{t old} ℓ_l(t) by a count; `num_tokens` replaces the batch's own count, e.g. by
+    the count over a whole optimizer step):
+        mean: by L · (old tokens): the mean over (MoE layer, old token) pairs (official code).
+        sum:  by the LM's target tokens (default: the tokens in `lang_mask`): the paper's
+              L_LPR = −Σ_{t∈B} F(t) log G_0(t) summed over the batch's old tokens and over the L routers, each of
+              which the paper's loss trains, on the scale of an NTP loss that is a mean over target tokens — so γ
+              weighs LPR against NTP per token as the paper's sum-over-sum objective does (L × the mean form).
     A batch without original-language tokens gives 0, never NaN.
     """
+    check_choice("lpr_loss_form", form)
+    check_choice("lpr_loss_reduction", reduction)
     if not router_logits:
         raise ValueError("lpr_loss needs the router logits of at least one MoE layer")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     old = lang_mask.reshape(-1).to(torch.float32)  # (N,)
     total = router_logits[0].new_zeros((), dtype=torch.float32)
     for logits in router_logits:
@@ -77,12 +116,13 @@ def lpr_loss(
             scores = scores.softmax(dim=-1)  # probabilities fed to CE as logits
         nll_expert0 = -scores.log_softmax(dim=-1)[:, 0]  # (N,)
         total = total + (nll_expert0 * old.to(nll_expert0.device)).sum()
+    if num_tokens is None:
+        num_tokens = old.sum() if reduction == "mean" else old.numel()
     if reduction == "mean":
-        return total / (old.sum() * len(router_logits)).clamp(min=1.0)
-    denom = old.numel() if num_tokens is None else num_tokens
-    if isinstance(denom, torch.Tensor):
-        return total / denom.to(total.device, torch.float32).clamp(min=1.0)
-    return total / max(float(denom), 1.0)
+        num_tokens = num_tokens * len(router_logits)
+    if isinstance(num_tokens, torch.Tensor):
+        return total / num_tokens.to(total.device, torch.float32).clamp(min=1.0)
+    return total / max(float(num_tokens), 1.0)
 
 
 def classifier_loss(classifier_logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> torch.Tensor:

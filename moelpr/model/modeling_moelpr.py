@@ -14,20 +14,22 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from .capture import capture_classifier_logits, capture_router_logits, moe_blocks
+from .capture import capture_routing, moe_blocks
 from .classifier import LanguageClassifier, group_labels
 from .configuration_moelpr import MoELPRConfig
 from .convert import convert_layers
 from .errors import UserError
+from .layer import Routing
 from .loramoe import add_loramoe
-from .losses import causal_lm_loss, classifier_loss, load_balancing_loss, lpr_loss
+from .losses import causal_lm_loss, classifier_loss, load_balancing_loss, lpr_loss, step_loss
+from .options import check_choice
 
 CACHE_ARG = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 """The KV cache's name in forward arguments and outputs: `cache` from transformers 5.24, `past_key_values` before."""
@@ -37,11 +39,17 @@ DELTA_META = "moelpr_delta.json"
 
 @dataclass
 class MoELPROutput(MoeCausalLMOutputWithPast):
-    """Causal-LM output with each loss term reported separately (`loss` is their weighted sum)."""
+    """Causal-LM output with each loss term reported separately (`loss` is their weighted sum, `losses.step_loss`).
+
+    `routing` (with `output_router_logits=True`): one `Routing` per MoE layer, the experts and weights applied;
+    `loss_terms`: the terms as they entered `loss` (scaled to the optimizer step's split, before coefficients).
+    """
 
     lm_loss: torch.FloatTensor | None = None
     lpr_loss: torch.FloatTensor | None = None
     cls_loss: torch.FloatTensor | None = None
+    routing: tuple[Routing, ...] | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -73,9 +81,6 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
-    delta_loader: ClassVar[Callable | None] = None
-    """Reads the delta format; `moelpr.checkpoint` sets it (a delta checkpoint needs moelpr to find its base)."""
-
     def __init__(self, config: MoELPRConfig, lm: PreTrainedModel | None = None):
         super().__init__(config)
         if lm is None:
@@ -90,14 +95,23 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
         """Like `PreTrainedModel.from_pretrained`; a delta checkpoint goes to `moelpr.load_model`."""
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(os.path.join(path, DELTA_META)):
-            if cls.delta_loader is None:
+            try:  # a delta checkpoint needs moelpr itself, which knows how to find and check its base
+                from moelpr.checkpoint import load_model
+            except ImportError:
                 raise UserError(
                     f"{path} is a moelpr delta checkpoint (the new weights plus the path of its dense "
                     "base): load it with `import moelpr; moelpr.load_model(DIR)` (pip install moelpr), "
                     "or write a full checkpoint with `moe-lpr export --format hf`"
-                )
-            return cls.delta_loader(path, dtype=kwargs.get("dtype"))
+                ) from None
+            return load_model(path, dtype=kwargs.get("dtype"))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def set_moe_dispatch(self, path: str) -> None:
+        """How every MoE block runs its experts ("auto" or a named path of `dispatch.py`); kept in the config."""
+        check_choice("moe_dispatch", path)
+        self.config.moe_dispatch = path
+        for block in moe_blocks(self):
+            block.dispatch = path
 
     # -- delegation to the wrapped LM ---------------------------------------------------------------
     def get_input_embeddings(self):
@@ -132,6 +146,8 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
         lang_group: torch.Tensor | None = None,
         output_router_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        num_old_items_in_batch: int | torch.Tensor | None = None,
+        loss_split: tuple[int, int] = (1, 1),
         compute_logits: bool = True,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values=None,
@@ -140,6 +156,9 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
         """The causal-LM forward plus the MoE-LPR inputs (docs/design.md, "Model").
 
         `cache` (transformers ≥ 5.24's name) and `past_key_values` (earlier 5.x) are the same KV cache.
+        `num_items_in_batch` / `num_old_items_in_batch`: the target / old-language tokens of the whole optimizer
+        step, when the caller (the Trainer) counts them; `loss_split`: (processes, micro-batches) the step's batch is
+        split over, so `loss` is this forward's share of the step's loss (`losses.step_loss`).
         """
         cfg = self.config
         cache = cache if cache is not None else past_key_values
@@ -160,8 +179,7 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
         past = cache.get_seq_length() if cache is not None and classifiers else 0
         continuing = past > 0 and self.prompt_decision is not None and self.prompt_decision.continues(rows[0], past)
         with (
-            capture_router_logits(self, enabled=need_router) as router_logits,
-            capture_classifier_logits(self, enabled=lang_group is not None) as classifier_logits,
+            capture_routing(self, enabled=need_router) as routing,
             _forced_groups(classifiers, self.prompt_decision.groups if continuing else None),
         ):
             if chunked:
@@ -187,28 +205,31 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 lm_loss = _causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
 
-        router_logits = tuple(router_logits)
+        routing = tuple(routing)
         aux = lpr = cls = None
         token_mask = attention_mask[:, -rows[1] :] if attention_mask is not None and attention_mask.dim() == 2 else None
-        if router_logits and (labels is not None or output_router_logits):
-            aux = load_balancing_loss(router_logits, cfg.num_experts_per_tok, token_mask, form=cfg.balance_loss_form)
-        if router_logits and lang_mask is not None:
+        if routing and (labels is not None or output_router_logits):
+            aux = load_balancing_loss(routing, token_mask, form=cfg.balance_loss_form)
+        lpr_count = num_items_in_batch if cfg.lpr_loss_reduction == "sum" else num_old_items_in_batch
+        if routing and lang_mask is not None:
             lpr = lpr_loss(
-                router_logits,
+                [r.logits for r in routing],
                 lang_mask,
                 form=cfg.lpr_loss_form,
                 reduction=cfg.lpr_loss_reduction,
-                num_tokens=_target_tokens(labels, num_items_in_batch, token_mask),
+                num_tokens=lpr_count if lpr_count is not None else _lpr_tokens(cfg, labels, token_mask),
             )
-        if classifier_logits:
+        classifier_logits = [r.classifier_logits for r in routing if r.classifier_logits is not None]
+        if classifier_logits and lang_group is not None:
             targets = group_labels(lang_group, token_mask, cfg.classifier_groups, cfg.classifier_pooling)
             cls = classifier_loss(classifier_logits, [targets] * len(classifier_logits))
 
-        weighted = [(lm_loss, 1.0), (lpr, cfg.lpr_loss_coef), (cls, cfg.cls_loss_coef)]
-        if labels is not None:  # as in Mixtral, the balance loss joins the loss when training on labels
-            weighted.append((aux, cfg.aux_loss_coef))
-        terms = [coef * term for term, coef in weighted if term is not None and coef]
-        loss = sum(terms[1:], terms[0]) if terms else None
+        # As in Mixtral, the balance loss joins the loss when training on labels.
+        terms = {"lm_loss": lm_loss, "aux_loss": aux if labels is not None else None, "lpr_loss": lpr, "cls_loss": cls}
+        counted = {"lm_loss": num_items_in_batch, "lpr_loss": lpr_count}  # normalised by a count over the whole step
+        loss, loss_terms = step_loss(
+            terms, cfg, global_terms=frozenset(k for k, n in counted.items() if n is not None), split=loss_split
+        )
         return MoELPROutput(
             loss=loss,
             lm_loss=lm_loss,
@@ -218,7 +239,9 @@ class MoELPRForCausalLM(PreTrainedModel, GenerationMixin):
             logits=logits,
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
-            router_logits=router_logits if output_router_logits else None,
+            router_logits=tuple(r.logits for r in routing) if output_router_logits else None,
+            routing=routing if output_router_logits else None,
+            loss_terms=loss_terms,
             **{CACHE_ARG: out_cache},
         )
 
@@ -241,12 +264,11 @@ def _forced_groups(classifiers: list[LanguageClassifier], groups: list[torch.Ten
             classifier.forced = None
 
 
-def _target_tokens(
-    labels: torch.Tensor | None, num_items_in_batch: int | torch.Tensor | None, token_mask: torch.Tensor | None
-) -> int | torch.Tensor | None:
-    """What the LM loss is a mean over: the Trainer's global target count, else this batch's targets or tokens."""
-    if num_items_in_batch is not None:
-        return num_items_in_batch
+def _lpr_tokens(cfg: MoELPRConfig, labels: torch.Tensor | None, token_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The batch's own LPR count: its old tokens (mean reduction, None = from lang_mask), else what the LM loss is a
+    mean over (its targets, or its real tokens without labels)."""
+    if cfg.lpr_loss_reduction == "mean":
+        return None
     if labels is not None:
         return (labels[:, 1:] != -100).sum()
     return token_mask.sum() if token_mask is not None else None
@@ -278,6 +300,7 @@ def convert_from_config(lm: PreTrainedModel, config: MoELPRConfig) -> None:
         config.classifier_groups,
         config.classifier_pooling,
         expert_init=config.expert_init,
+        dispatch=config.moe_dispatch,
     )
 
 

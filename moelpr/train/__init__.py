@@ -1,17 +1,8 @@
-"""Training: `Recipe` / `load_recipe` (one run's settings), `MoETrainer` (Trainer with the MoE-LPR loss terms)
-and `train(recipe)` (setup → train → save for MoE-LPR stage 1 / 2 and the baselines).
-
-Imports are lazy so `import moelpr.train` does not pull in the Trainer.
-"""
+"""Training: `Recipe` / `load_recipe` (one run's settings), `train(recipe)` (setup → train → save, `run.py`), the
+training methods (`methods.py`) and `MoETrainer` (`trainer.py`). Importing this package does not import torch or
+the Trainer (`run.py` imports them when a run starts)."""
 
 from moelpr.train.recipe import Recipe, load_recipe
-
-
-def train(recipe, **kwargs):
-    """See `moelpr.train.run.train`."""
-    from moelpr.train.run import train as _train
-
-    return _train(recipe, **kwargs)
-
+from moelpr.train.run import train
 
 __all__ = ["Recipe", "load_recipe", "train"]

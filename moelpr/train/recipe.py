@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moelpr.errors import UserError
+from moelpr.model.options import DEFAULTS, check_positive_int, check_settings
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # YAML 1.1 reads 3e-4 (no dot) as a string
 _PATH_KEYS = ("model", "corpora", "output_dir", "cache_dir", "num_experts", "similarity", "resume_from_checkpoint")
@@ -52,27 +53,30 @@ class Recipe:
     holding `experts_per_layer` (LayerMoE). With `expand: true`: the NEW experts of the added group, as a
     per-layer list (as LayerMoE's G2 additions), or an allocation.json whose `experts_per_layer` counts the
     existing layer as one expert, so new = N_l − 1 (what `moe-lpr allocate` writes)."""
-    top_k: int = 2
+    top_k: int = DEFAULTS["num_experts_per_tok"]
     """Experts per token."""
     layers: list[int] | None = None
     """Layers to upcycle (default: all); only with a single `num_experts`."""
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = DEFAULTS["aux_loss_coef"]
     """Weight of the load-balancing loss (stage 1)."""
-    lpr_loss_coef: float = 0.1
+    lpr_loss_coef: float = DEFAULTS["lpr_loss_coef"]
     """Weight of the LPR loss (stage 2)."""
-    lpr_loss_form: str = "paper"
+    lpr_loss_form: str = DEFAULTS["lpr_loss_form"]
     """"paper" (−log G₀) or "official" (CE on the softmax probabilities, as the official code)."""
-    lpr_loss_reduction: str = "mean"
+    lpr_loss_reduction: str = DEFAULTS["lpr_loss_reduction"]
     """"mean" over (MoE layer, old token) pairs (official code) or "sum" over layers and old tokens per LM target
-    token (the paper's Σ_{t∈B}, on the NTP loss's scale; docs/method-choices.md)."""
+    token (the paper's Σ_{t∈B}, on the NTP loss's scale; docs/method.md §2.3)."""
     router_warning_threshold: float = 0.1
     """Stage 2: warn (one line) about MoE layers whose old-language tokens still take more than this share of
     their output mix from new experts at the end of training (train_metrics.json: `router_convergence`)."""
-    expert_init: str = "copy"
+    expert_init: str = DEFAULTS["expert_init"]
     """Stage 1: new experts start as "copy" of the original FFN (the paper's Expert-Copy) or "random" (the
     "w/o Expert-Copy" ablation)."""
-    balance_loss_form: str = "mixtral"
+    balance_loss_form: str = DEFAULTS["balance_loss_form"]
     """"mixtral" (official code, ≈ k when balanced) or "paper" (÷ k)."""
+    moe_dispatch: str = DEFAULTS["moe_dispatch"]
+    """How the MoE blocks run their experts: "auto" (by device: grouped matmuls when training on a GPU, the loop on
+    CPU and for inference) or "reference", "loop", "grouped", "triton" (docs/design.md, "Dispatch")."""
     cutoff_len: int = 1024
     """Tokens per packed training block."""
     max_docs: int | None = None
@@ -89,9 +93,9 @@ class Recipe:
     """How many layers `similarity` picks (default 7, as LayerMoE's Qwen scripts: 7 of 24 layers)."""
     classifier_groups: int | None = None
     """Classifier classes (default: the corpora's largest `group` + 1, at least 2; 3 after G0 → G1 → G2)."""
-    classifier_pooling: str = "sequence"
+    classifier_pooling: str = DEFAULTS["classifier_pooling"]
     """"sequence" (one decision per sequence, official code) or "token"."""
-    cls_loss_coef: float = 0.1
+    cls_loss_coef: float = DEFAULTS["cls_loss_coef"]
     """Weight of the classifier cross-entropy (stage 2)."""
     continue_: bool = False
     """YAML key `continue`: stage 1 continues training an already upcycled model instead of refusing it."""
@@ -131,10 +135,7 @@ class Recipe:
             raise UserError(f"stage must be 1 or 2, got {self.stage!r}")
         if self.stage == 2 and self.method != "moe":
             raise UserError(f"stage 2 exists only for method: moe, not {self.method!r}; drop stage or set method: moe")
-        _check_choice("lpr_loss_form", self.lpr_loss_form, ("paper", "official"))
-        _check_choice("lpr_loss_reduction", self.lpr_loss_reduction, ("mean", "sum"))
-        _check_choice("expert_init", self.expert_init, ("copy", "random"))
-        _check_choice("balance_loss_form", self.balance_loss_form, ("mixtral", "paper"))
+        check_settings(self)  # the settings shared with the model config (moelpr.model.options)
         _check_choice("on_bad_record", self.on_bad_record, ("error", "skip"))
         if self.save_format is None:
             self.save_format = "full"
@@ -142,10 +143,12 @@ class Recipe:
         if self.save_format == "delta" and self.method != "moe":
             raise UserError(f"save_format: delta is only for method: moe; use save_format: full for {self.method}")
         for key in ("top_k", "cutoff_len", "num_proc", "lora_rank", "lora_alpha", "loramoe_experts"):
-            _check_positive_int(key, getattr(self, key))
+            check_positive_int(key, getattr(self, key))
         for key in ("max_docs", "llama_pro_blocks", "llama_pro_every"):
             if getattr(self, key) is not None:
-                _check_positive_int(key, getattr(self, key))
+                check_positive_int(key, getattr(self, key))
+        if self.method != "llama_pro" and (self.llama_pro_blocks is not None or self.llama_pro_every is not None):
+            raise UserError(f"llama_pro_blocks / llama_pro_every only apply to method: llama_pro, not {self.method!r}")
         if (
             isinstance(self.router_warning_threshold, bool)
             or not isinstance(self.router_warning_threshold, (int, float))
@@ -154,10 +157,6 @@ class Recipe:
             raise UserError(
                 f"router_warning_threshold must be a share between 0 and 1, got {self.router_warning_threshold!r}"
             )
-        for key in ("aux_loss_coef", "lpr_loss_coef", "cls_loss_coef"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise UserError(f"{key} must be a number ≥ 0, got {value!r}")
         for key in ("continue_", "overwrite", "streaming", "expand"):
             if not isinstance(getattr(self, key), bool):
                 raise UserError(f"{_yaml_key(key)} must be true or false, got {getattr(self, key)!r}")
@@ -186,7 +185,6 @@ class Recipe:
                     "with expand: true give num_experts as a per-layer list of NEW experts or an "
                     f"allocation.json, not the single count {self.num_experts!r}"
                 )
-        _check_choice("classifier_pooling", self.classifier_pooling, ("sequence", "token"))
         if self.classifier_groups is not None:
             if (
                 isinstance(self.classifier_groups, bool)
@@ -195,7 +193,7 @@ class Recipe:
             ):
                 raise UserError(f"classifier_groups must be an integer ≥ 2, got {self.classifier_groups!r}")
         if self.classifier_top_k is not None:
-            _check_positive_int("classifier_top_k", self.classifier_top_k)
+            check_positive_int("classifier_top_k", self.classifier_top_k)
             if self.similarity is None:
                 raise UserError("classifier_top_k picks layers by similarity; also give similarity: similarity.json")
         if self.classifier_layers is not None:
@@ -262,25 +260,39 @@ def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
         raise UserError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
 
 
-def _check_positive_int(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key} must be a positive integer, got {value!r}")
-
-
-def recipe_keys() -> tuple[set[str], set[str]]:
-    """(moelpr recipe keys as written in YAML, TrainingArguments field names)."""
+def recipe_keys() -> tuple[dict[str, str], dict[str, str]]:
+    """(moelpr recipe keys as written in YAML, TrainingArguments field names), each → its type as text."""
     from transformers import TrainingArguments
 
-    own = {_yaml_key(f.name) for f in dataclasses.fields(Recipe) if f.name != "training_args"}
-    ta = {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
+    own = {_yaml_key(f.name): str(f.type) for f in dataclasses.fields(Recipe) if f.name != "training_args"}
+    ta = {f.name: str(f.type) for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
     return own, ta
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["--key", "value", "--flag", "--k2=v2"]` → `{"key": value, "flag": True, "k2": v2}` (values via YAML)."""
-    import yaml
+def recipe_help() -> str:
+    """Every moelpr recipe key with its type, default and the first line of its description (`train --help`)."""
+    import ast
+    import inspect
 
-    parsed: dict[str, Any] = {}
+    tree = ast.parse(inspect.getsource(Recipe))
+    body = tree.body[0].body
+    docs = {
+        node.target.id: " ".join(nxt.value.value.split()).split(". ")[0].rstrip(".")
+        for node, nxt in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+    }
+    lines = ["recipe keys (any transformers.TrainingArguments field is a key too):"]
+    for f in dataclasses.fields(Recipe):
+        if f.name == "training_args":
+            continue
+        default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
+        lines.append(f"  {_yaml_key(f.name)} ({f.type}; {default}): {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str | bool]:
+    """`["--key", "value", "--flag", "--k2=v2"]` → `{"key": "value", "flag": True, "k2": "v2"}` (text, typed later)."""
+    parsed: dict[str, str | bool] = {}
     i = 0
     while i < len(overrides):
         token = overrides[i]
@@ -292,13 +304,28 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 text = overrides[i + 1]
                 i += 1
             else:
-                text = "true"  # a bare flag
-        try:
-            parsed[key.replace("-", "_")] = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            parsed[key.replace("-", "_")] = text
+                text = True  # a bare flag
+        parsed[key.replace("-", "_")] = text
         i += 1
     return parsed
+
+
+def _typed(text: str | bool, type_text: str) -> Any:
+    """A command-line value read as YAML (numbers, true/false, [lists]), unless the key expects text that YAML
+    would turn into something else: `--save_strategy no` stays "no", `--run_name 123` stays "123"."""
+    import yaml
+
+    if not isinstance(text, str) or text == "":
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    kind = {bool: "bool", int: "int", float: "float", list: "list", dict: "dict", type(None): "None"}.get(type(value))
+    accepted = kind is None or kind in type_text or (kind == "int" and "float" in type_text)
+    if kind is not None and "str" in type_text and not accepted:
+        return text
+    return value
 
 
 def load_recipe(
@@ -326,9 +353,12 @@ def load_recipe(
             raise UserError(f"cannot parse recipe {path}{where}; fix the YAML") from None
         if not isinstance(raw, dict):
             raise UserError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
-    raw.update(overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or [])))
-
     own, ta_fields = recipe_keys()
+    if isinstance(overrides, dict):
+        raw.update(overrides)
+    else:
+        types = {**ta_fields, **own}
+        raw.update({k: _typed(v, types.get(k, "Any")) for k, v in parse_overrides(list(overrides or [])).items()})
     kwargs: dict[str, Any] = {"training_args": {}}
     for key, value in raw.items():
         if isinstance(value, str) and key not in _PATH_KEYS and _FLOAT.match(value):
@@ -338,7 +368,7 @@ def load_recipe(
         elif key in ta_fields:
             kwargs["training_args"][key] = value
         else:
-            close = difflib.get_close_matches(str(key), sorted(own | ta_fields), n=1)
+            close = difflib.get_close_matches(str(key), sorted({*own, *ta_fields}), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UserError(f"unknown recipe key {key!r}{hint}")
     for key in ("model", "corpora"):

@@ -1,14 +1,8 @@
-"""`train(recipe)`: one training run, setup → train → save.
+"""`train(recipe)`: one training run, setup → train → save, the same for every method.
 
-Stage 1 (method: moe, stage: 1): upcycle the dense model, train the new experts and routers on the new
-languages with NTP + α·balance; with `expand: true` (LayerMoE lifelong expansion) add one expansion group to
-a finished stage-2 model and train only it on its group's corpora. Stage 2 (stage: 2): load the stage-1
-model, train only the routers (and LayerMoE classifiers, when the recipe asks for them) on the new languages
-plus the old-language replay with NTP + γ·LPR (+ classifier CE). The saved config's `completed_stage` records
-the finished stage. `moe_one_stage` (the paper's "MoE" row) upcycles and trains every parameter in one stage
-on all the corpora given. Baselines on the dense model: `full` trains every parameter; `loramoe` adds LoRA
-experts with routers to the MLPs (`moelpr.loramoe`); `lora` and `llama_pro` are prepared and saved by
-`moelpr.train.baselines`.
+The method (MoE-LPR stage 1 or 2, lifelong expansion, the one-stage "MoE" row, the baselines) is declared in
+`moelpr.train.methods`: how it builds its model, which corpora and parameters it trains, how it saves. The
+saved config's `completed_stage` records a finished MoE-LPR stage.
 
 Output directory: Trainer checkpoints go to `output_dir/checkpoints/`; the final model (loadable with
 `moelpr.load_model`), its tokenizer and `train_metrics.json` appear in `output_dir` in one atomic swap at
@@ -43,71 +37,19 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
 
     import moelpr
     from moelpr.data import BlockCollator, load_corpora, tokenize_and_pack
-    from moelpr.train import layermoe
+    from moelpr.train.methods import method_of
     from moelpr.train.trainer import MoETrainer
 
     # ---- setup: output directory, model, trainable set, data --------------------------------------------
     out_dir = recipe.output_dir
     resume = _resume_point(recipe, out_dir)
     tokenizer = _load_tokenizer(recipe.model, AutoTokenizer)
-    corpora = load_corpora(recipe.corpora)
     set_seed(recipe.training_args.get("seed", TrainingArguments.seed))  # router (and LoRA / LLaMA-Pro) init is random
-
-    if recipe.method == "moe" and recipe.expand:  # LayerMoE lifelong expansion: only the new group trains
-        model, group = layermoe.expanded_model(recipe, moelpr)
-        corpora = [c for c in corpora if c.group == group]
-        if not corpora:
-            raise UserError(
-                f"lifelong expansion trains expansion group {group} on corpora with group: {group}, "
-                "but none has it; set group on the new languages' corpora"
-            )
-        moelpr.set_trainable(model, "stage1", groups=[group - 1])
-    elif recipe.method == "moe" and recipe.stage == 1:
-        model = _stage1_model(recipe, moelpr)
-        corpora = [c for c in corpora if c.role == "new"]
-        if not corpora:
-            raise UserError("stage 1 trains on the new languages but no corpus has role: new; add one")
-        moelpr.set_trainable(model, "stage1")
-    elif recipe.method == "moe_one_stage":  # the paper's "MoE" row: upcycled, everything trains, one stage
-        model = _stage1_model(recipe, moelpr)
-        if not any(c.role == "new" for c in corpora):
-            raise UserError("moe_one_stage trains on the new languages (plus any replay) but no corpus has role: new")
-        moelpr.set_trainable(model, "all")
-    elif recipe.method == "moe":
-        model = _stage2_model(recipe, moelpr)
-        if not any(c.role == "old" for c in corpora):
-            raise UserError(
-                "stage 2 needs old-language replay data but no corpus has role: old; add one "
-                "(max_docs limits how many documents are replayed)"
-            )
-        layermoe.setup_classifiers(model, recipe, corpora)  # LayerMoE: classifiers train with the routers
-        moelpr.set_trainable(model, "stage2")
-    else:
-        model = moelpr.load_model(recipe.model)
-        if isinstance(model, moelpr.MoELPRForCausalLM):
-            raise UserError(
-                f"method: {recipe.method} is a baseline on the dense model; {recipe.model} is an MoE-LPR model"
-            )
-        if recipe.method == "full":
-            moelpr.set_trainable(model, "all")
-        elif recipe.method == "loramoe":
-            model = moelpr.loramoe(
-                model, num_experts=recipe.loramoe_experts, rank=recipe.lora_rank, alpha=recipe.lora_alpha
-            )
-            model.config.base_model_path = str(Path(recipe.model).resolve())
-        else:
-            model = _baselines().prepare_baseline(
-                recipe.method,
-                model,
-                lora_rank=recipe.lora_rank,
-                lora_alpha=recipe.lora_alpha,
-                lora_target=recipe.lora_target,
-                llama_pro_blocks=recipe.llama_pro_blocks,
-                llama_pro_every=recipe.llama_pro_every,
-                verbose=False,
-            )
-    if recipe.method in ("moe", "moe_one_stage"):
-        model.config.completed_stage = recipe.stage - 1  # checkpoints taken during this run are unfinished
+    method = method_of(recipe)
+    model, corpora = method.prepare(recipe, load_corpora(recipe.corpora))
+    if method.stage is not None:  # an MoE-LPR model
+        model.config.completed_stage = method.stage - 1  # checkpoints taken during this run are unfinished
+        model.set_moe_dispatch(recipe.moe_dispatch)
     # After the model: with a ZeRO-3 config, TrainingArguments switch on deepspeed.zero.Init for every later
     # from_pretrained, which would hand the upcycle empty partitions; DeepSpeed partitions the full model itself.
     args = _training_arguments(recipe, out_dir / CHECKPOINTS)
@@ -142,8 +84,8 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     result = trainer.train(resume_from_checkpoint=resume)
 
     # ---- save (main process only; the others wait) ------------------------------------------------------
-    if recipe.method in ("moe", "moe_one_stage"):
-        model.config.completed_stage = recipe.stage  # lifelong expansion starts only from a finished stage 2
+    if method.stage is not None:
+        model.config.completed_stage = method.stage  # lifelong expansion starts only from a finished stage 2
     convergence = trainer.router_convergence(recipe.router_warning_threshold)  # collective: every process
     state_dict = _gathered_state_dict(trainer)  # collective: every process takes part
     if trainer.is_world_process_zero():
@@ -155,66 +97,14 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
         }
         if convergence is not None:
             metrics["router_convergence"] = convergence
-            if recipe.method == "moe" and recipe.stage == 2 and convergence["unconverged_layers"]:
+            if method.stage == 2 and convergence["unconverged_layers"]:
                 logger.warning(_convergence_warning(convergence))
-        _save(trainer.model, tokenizer, recipe, out_dir, metrics, state_dict=state_dict)
+        _save(method, trainer.model, tokenizer, recipe, out_dir, metrics, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
     return out_dir
 
 
 # ---- setup helpers ------------------------------------------------------------------------------------------
-
-
-def _stage1_model(recipe: Recipe, moelpr):
-    """The dense model upcycled (or, with `continue: true`, an MoE-LPR model to keep training)."""
-    model = moelpr.load_model(recipe.model)
-    if isinstance(model, moelpr.MoELPRForCausalLM):
-        if not recipe.continue_:
-            raise UserError(
-                f"{recipe.model} is already an MoE-LPR model; stage 1 upcycles a dense model "
-                "(set continue: true to keep training this one)"
-            )
-        model.config.aux_loss_coef = recipe.aux_loss_coef
-        model.config.lpr_loss_coef = model.config.cls_loss_coef = 0.0  # classifiers (if any) are frozen in stage 1
-        return model
-    model = moelpr.upcycle(
-        model,
-        num_experts=recipe.experts_per_layer(),
-        top_k=recipe.top_k,
-        layers=recipe.layers,
-        expert_init=recipe.expert_init,
-        aux_loss_coef=recipe.aux_loss_coef,
-        lpr_loss_coef=0.0,
-        balance_loss_form=recipe.balance_loss_form,
-        lpr_loss_form=recipe.lpr_loss_form,
-        lpr_loss_reduction=recipe.lpr_loss_reduction,
-    )
-    model.config.base_model_path = str(Path(recipe.model).resolve())  # the delta format points here
-    return model
-
-
-def _stage2_model(recipe: Recipe, moelpr):
-    """The stage-1 model with the stage-2 losses: NTP + γ·LPR, no balance loss."""
-    model = moelpr.load_model(recipe.model)
-    if not isinstance(model, moelpr.MoELPRForCausalLM):
-        raise UserError(
-            f"stage 2 needs a stage-1 MoE-LPR model; got a dense model at {recipe.model} "
-            "(run stage 1 first and pass its output_dir as model)"
-        )
-    model.config.lpr_loss_coef = recipe.lpr_loss_coef
-    model.config.lpr_loss_form = recipe.lpr_loss_form
-    model.config.lpr_loss_reduction = recipe.lpr_loss_reduction
-    model.config.aux_loss_coef = 0.0
-    model.config.cls_loss_coef = recipe.cls_loss_coef
-    return model
-
-
-def _baselines():
-    try:
-        from moelpr.train import baselines
-    except ImportError as err:
-        raise UserError(f"the LoRA / LLaMA-Pro baselines are not available ({err})") from None
-    return baselines
 
 
 def _load_tokenizer(model_dir: str, auto_tokenizer):
@@ -353,21 +243,18 @@ def _gathered_state_dict(trainer) -> dict | None:
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
-def _save(model, tokenizer, recipe: Recipe, out_dir: Path, metrics: dict, *, state_dict: dict | None = None) -> None:
+def _save(
+    method, model, tokenizer, recipe: Recipe, out_dir: Path, metrics: dict, *, state_dict: dict | None = None
+) -> None:
     """Write the final model, tokenizer and metrics; keep the checkpoints; swap into `out_dir` atomically.
 
     `state_dict`: the weights to write instead of the model's own (gathered from ZeRO-3 / FSDP shards).
     """
-    import moelpr
+    from moelpr.train.methods import save
     from moelpr.utils.atomic import atomic_output_dir, atomic_write_json
 
     with atomic_output_dir(out_dir, overwrite=True) as staging:
-        if recipe.method in ("lora", "llama_pro"):
-            _baselines().save_baseline(recipe.method, model, staging, tokenizer, overwrite=True)
-        else:
-            moelpr.save_model(
-                model, staging, format=recipe.save_format, tokenizer=tokenizer, overwrite=True, state_dict=state_dict
-            )
+        save(method, model, staging, recipe, tokenizer, state_dict)
         atomic_write_json(staging / METRICS_FILE, metrics)
         checkpoints = out_dir / CHECKPOINTS
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):

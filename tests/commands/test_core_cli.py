@@ -7,7 +7,7 @@ import sys
 import pytest
 from tiny import tiny_model
 
-from moelpr.cli import main
+from moelpr.cli import VERBS, main
 
 
 @pytest.fixture()
@@ -88,3 +88,44 @@ def test_console_script_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "moelpr.cli", "info", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+HEAVY = ("torch", "transformers", "datasets", "numpy", "lm_eval", "matplotlib")
+
+
+def _light_run(args: list[str]) -> subprocess.CompletedProcess:
+    """`moe-lpr ARGS` in a fresh interpreter that fails if it imports a heavy library."""
+    code = (
+        "import sys\nfrom moelpr.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    code = e.code\nheavy = [m for m in %r if m in sys.modules]\nassert not heavy, heavy\nsys.exit(code)"
+        % (HEAVY,)
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_verb_help_ends_with_an_example_without_importing_torch(verb):
+    result = _light_run([verb, "--help"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().splitlines()[-1].startswith(f"  moe-lpr {verb} ")  # the example closes the help
+
+
+def test_top_help_version_and_errors_stay_light():
+    assert "VERB" in _light_run(["--help"]).stdout
+    version = _light_run(["--version"])
+    assert version.returncode == 0 and version.stdout.startswith("moe-lpr ")
+    unknown = _light_run(["trian"])
+    assert unknown.returncode == 2 and "unknown verb 'trian'" in unknown.stderr
+    missing = _light_run(["upcycle", "--output", "x"])  # an argument error, before anything is loaded
+    assert missing.returncode == 2 and "--model" in missing.stderr
+
+
+def test_train_without_a_recipe_says_so(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no recipe given; pass a recipe YAML" in err
+
+
+def test_train_help_lists_recipe_keys():
+    help_text = _light_run(["train", "--help"]).stdout
+    assert "recipe keys" in help_text and "lpr_loss_coef (float; default 0.1)" in help_text

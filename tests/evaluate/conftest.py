@@ -1,7 +1,8 @@
 """Fixtures for the evaluation tests: a byte-level BPE tokenizer that adds BOS itself, tiny saved models.
 
 The tokenizer adds `<s>` through its post-processor, like Llama's: exactly the case of lm-eval's double-BOS
-pitfall in rolling loglikelihood (ecosystem.md §5), so the agreement tests would catch it.
+pitfall in rolling loglikelihood (the tokenizer's BOS kept and the window's prefix token prepended: BOS→BOS
+scored; the lm-eval #3333 family), so the agreement tests would catch it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from moelpr.evaluate.perplexity import (
     prefix_token_id,
     rolling_windows,
 )
-from moelpr.evaluate.routing import routing_sums
+from moelpr.evaluate.routing import RoutingSums
 
 
 def _hand_nll(model, ids: list[int], prefix: int) -> float:
@@ -103,7 +103,7 @@ def test_moe_routing_statistics_match_a_direct_forward(moe_model, tokenizer):
     # each document token is counted once as an input: positions 1..n-1 (position 0 is BOS)
     mask = torch.ones(len(ids), dtype=torch.bool)
     mask[0] = False
-    expected = routing_sums(direct.router_logits, mask, top_k=2).summary([0, 1])
+    expected = RoutingSums.of(direct.routing, mask).summary([0, 1])
     routing = out["routing"]["en"]
     assert routing["layers"] == [0, 1] and routing["tokens"] == len(ids) - 1
     assert len(routing["mean_prob"]) == 2 and len(routing["mean_prob"][0]) == 3

@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from moelpr.model import CACHE_ARG
 from moelpr.model.capture import moe_blocks
-from moelpr.moe.upcycle import add_expert_group
+from moelpr.upcycling.expand import add_expert_group
 
 _VIEWS = {
     "__getitem__",
@@ -105,11 +105,11 @@ def regions_of(blocks):
 
 def chosen_experts(model, step_ids, past):
     """Per MoE layer, the top-k experts the router picks for the single decoding token."""
-    from moelpr.model.capture import capture_router_logits
+    from moelpr.model.capture import capture_routing
 
-    with torch.no_grad(), capture_router_logits(model) as logits:
+    with torch.no_grad(), capture_routing(model) as routing:
         model(input_ids=step_ids, cache=past, use_cache=True)
-    return [set(block.route(l)[1][0].tolist()) for block, l in zip(moe_blocks(model), logits)]
+    return [set(r.experts[0].tolist()) for r in routing]
 
 
 def decode_step_reads(model, blocks, prompt, step_ids):
@@ -132,12 +132,9 @@ def check_only_chosen(model, blocks, top_k):
             assert {e for l, e in read if l == layer} == experts, (token, layer, read, chosen)
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "loop"])
-def test_core_decode_step_reads_only_top_k_experts(monkeypatch, grouped_mm):
-    if grouped_mm:  # the accelerators' per-group path, forced on CPU (which itself takes the per-expert loop)
-        from moelpr.model.grouped import grouped_mm_available
-
-        monkeypatch.setattr("moelpr.model.layer.use_grouped_mm", grouped_mm_available)
+def test_core_decode_step_reads_only_top_k_experts():
+    """Decoding takes the loop on every device (auto's rule: tests/model/test_layer.py), which reads only the
+    experts the token chose."""
     model = trained_moe(num_experts=4, top_k=2)
     check_only_chosen(model, moe_blocks(model), top_k=2)
 
@@ -154,14 +151,3 @@ def test_core_decode_step_skips_unchosen_groups(setup):
             for block in moe_blocks(model):
                 block.experts[1].gate_up_proj.add_(torch.randn_like(block.experts[1].gate_up_proj) * 0.05)
     check_only_chosen(model, moe_blocks(model), top_k=model.config.num_experts_per_tok)
-
-
-def test_core_accelerator_path_decode_step_reads_only_top_k_experts(monkeypatch):
-    """On an accelerator, decoding (no grad) must not take the all-experts single-call path."""
-    from moelpr.model.layer import MoEBlock
-
-    decide = MoEBlock._single_grouped_call
-    # Ask the real decision as if the tokens lived on a non-CPU device (meta stands in for CUDA here).
-    monkeypatch.setattr(MoEBlock, "_single_grouped_call", lambda self, x: decide(self, x.to("meta")))
-    model = trained_moe(num_experts=4, top_k=2)
-    check_only_chosen(model, moe_blocks(model), top_k=2)

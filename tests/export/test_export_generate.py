@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 import moelpr
 from moelpr.cli import main
-from moelpr.export.generation import generate_ids, generation_kwargs
+from moelpr.generation import generate_ids, generation_kwargs
 
 PROMPT = "w5 w17 w9 w42"
 

@@ -29,28 +29,28 @@ def classifier_model(pooling="sequence", layers=(0, 2)):
     return moe
 
 
-def test_old_group_tokens_use_only_expert_zero(monkeypatch):
+def test_old_group_tokens_use_only_expert_zero():
     moe = classifier_model()
     block = moe.lm.model.layers[0].mlp
-    chosen = {}
-    original_dispatch = type(block).dispatch
-
-    def spy(self, x, weights, experts, limited=False):
-        chosen["weights"], chosen["experts"] = weights, experts
-        return original_dispatch(self, x, weights, experts, limited)
-
-    monkeypatch.setattr(type(block), "dispatch", spy)
     hidden = torch.randn(2, 5, 64)
-    with torch.no_grad():  # sequence 0 → class 0 (old), sequence 1 → class 1 (new)
-        block.classifier.linear.weight.zero_()
-        limits, logits = block.classifier(hidden)
-        block.classifier.forced = torch.tensor([0, 1])
+    with torch.no_grad(), moelpr.model.capture.capture_routing(moe) as captured:
+        block.classifier.forced = torch.tensor([0, 1])  # sequence 0 → class 0 (old), sequence 1 → class 1 (new)
         out = block(hidden)
-    experts, weights = chosen["experts"].view(2, 5, -1), chosen["weights"].view(2, 5, -1)
+    (routing,) = captured
+    experts, weights = routing.experts.view(2, 5, -1), routing.weights.view(2, 5, -1)
     picked0 = weights[0] > 0
     assert torch.all(experts[0][picked0] == 0) and torch.allclose(weights[0].sum(-1), torch.ones(5))
     assert (experts[1] > 0).any()  # the new-language sequence is routed over all experts
     torch.testing.assert_close(out[0], block.original(hidden[0]), atol=1e-6, rtol=1e-5)
+    # what is reported is the routing that happened: the confined tokens take expert 0 alone, at weight 1,
+    # although the router's own top-k (the raw logits) would have mixed in new experts
+    from moelpr.evaluate.routing import RoutingSums
+
+    confined = torch.tensor([[True] * 5, [False] * 5])
+    report = RoutingSums.of(captured, confined).summary()
+    assert report["expert0_weight"] == [1.0] and report["top_k_has_expert0"] == [1.0]
+    free_weight0 = routing.logits.softmax(-1).topk(2).values[:5]
+    assert (free_weight0[:, 0] / free_weight0.sum(-1) < 1).all()
 
 
 @pytest.mark.parametrize("pooling", ["sequence", "token"])
@@ -79,9 +79,11 @@ def test_stage2_training_teaches_the_classifier_to_separate_groups(pooling):
         optimizer.step()
     moe.eval()
     ids, group = batch(64)
-    with torch.no_grad(), moelpr.model.capture.capture_classifier_logits(moe) as logits:
+    with torch.no_grad(), moelpr.model.capture.capture_routing(moe) as routing:
         moe(ids)
     targets = group_labels(group, None, 2, pooling)
+    logits = [r.classifier_logits for r in routing if r.classifier_logits is not None]
+    assert len(logits) == 2
     for layer_logits in logits:
         accuracy = (layer_logits.argmax(-1) == targets).float().mean().item()
         assert accuracy >= 0.85  # chance is 0.5; held-out sequences

@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelpr import losses
+from moelpr import UserError
+from moelpr.model import losses
+from moelpr.model.layer import Routing
+
+
+def routed(logits, k):
+    """The routing a block applies for these router logits: top-k of the softmax, renormalised when k > 1."""
+    weights, experts = logits.softmax(-1).topk(k)
+    return Routing(logits, experts, weights / weights.sum(-1, keepdim=True) if k > 1 else weights)
 
 
 def test_load_balancing_mixtral_and_paper_forms():
@@ -15,28 +23,69 @@ def test_load_balancing_mixtral_and_paper_forms():
     probs = logits.softmax(-1)
     f = torch.tensor([0.5, 0.25, 0.25])
     expected = 3 * (f * probs.mean(0)).sum()
-    assert losses.load_balancing_loss([logits], top_k=1).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses.load_balancing_loss([routed(logits, 1)]).item() == pytest.approx(expected.item(), rel=1e-6)
     # top-2: f sums to 2; paper form divides by k
     chosen = torch.zeros(4, 3).scatter_(1, probs.topk(2).indices, 1.0)
     expected2 = 3 * (chosen.mean(0) * probs.mean(0)).sum()
-    assert losses.load_balancing_loss([logits], 2).item() == pytest.approx(expected2.item(), rel=1e-6)
-    assert losses.load_balancing_loss([logits], 2, form="paper").item() == pytest.approx(expected2.item() / 2, rel=1e-6)
+    assert losses.load_balancing_loss([routed(logits, 2)]).item() == pytest.approx(expected2.item(), rel=1e-6)
+    assert losses.load_balancing_loss([routed(logits, 2)], form="paper").item() == pytest.approx(
+        expected2.item() / 2, rel=1e-6
+    )
 
 
 def test_load_balancing_is_k_when_uniform_and_excludes_padding():
     uniform = torch.zeros(6, 4)
-    assert losses.load_balancing_loss([uniform], 2).item() == pytest.approx(2.0)
-    assert losses.load_balancing_loss([uniform], 2, form="paper").item() == pytest.approx(1.0)
+    assert losses.load_balancing_loss([routed(uniform, 2)]).item() == pytest.approx(2.0)
+    assert losses.load_balancing_loss([routed(uniform, 2)], form="paper").item() == pytest.approx(1.0)
     logits = torch.randn(6, 4)
     mask = torch.tensor([1, 1, 0, 1, 0, 1])
-    expected = losses.load_balancing_loss([logits[mask.bool()]], 2)
-    assert losses.load_balancing_loss([logits], 2, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    expected = losses.load_balancing_loss([routed(logits[mask.bool()], 2)])
+    assert losses.load_balancing_loss([routed(logits, 2)], mask).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_load_balancing_averages_layers_with_their_own_expert_counts():
     a, b = torch.randn(5, 3), torch.randn(5, 6)
-    mean = (losses.load_balancing_loss([a], 2) + losses.load_balancing_loss([b], 2)) / 2
-    assert losses.load_balancing_loss([a, b], 2).item() == pytest.approx(mean.item(), rel=1e-6)
+    mean = (losses.load_balancing_loss([routed(a, 2)]) + losses.load_balancing_loss([routed(b, 2)])) / 2
+    assert losses.load_balancing_loss([routed(a, 2), routed(b, 2)]).item() == pytest.approx(mean.item(), rel=1e-6)
+
+
+def test_balance_loss_counts_only_the_picks_a_classifier_allowed():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
+    free = routed(logits, 2)
+    # token 0 confined to expert 0: its second pick is disallowed and does not count as a selection
+    confined = Routing(
+        logits,
+        torch.tensor([[0, 1], [2, 1]]),
+        torch.tensor([[1.0, 0.0], [0.6, 0.4]]),
+        allowed=torch.tensor([[True, False], [True, True]]),
+    )
+    probs = logits.softmax(-1).mean(0)
+    f = torch.tensor([1.0, 1.0, 1.0]) / 2  # token 0 → {0}, token 1 → {1, 2}: per expert, the share of tokens
+    assert losses.load_balancing_loss([confined]).item() == pytest.approx(3 * (f * probs).sum().item(), rel=1e-6)
+    assert losses.load_balancing_loss([confined]).item() != pytest.approx(losses.load_balancing_loss([free]).item())
+
+
+def test_unknown_forms_are_refused_in_one_line():
+    logits = torch.randn(3, 3)
+    with pytest.raises(UserError, match="unknown balance_loss_form 'switch'; valid: mixtral, paper"):
+        losses.load_balancing_loss([routed(logits, 2)], form="switch")
+    with pytest.raises(UserError, match="unknown lpr_loss_form 'Paper'"):
+        losses.lpr_loss([logits], torch.ones(3), form="Paper")
+
+
+def test_step_loss_weights_terms_once_and_scales_them_to_the_step():
+    class Config:
+        aux_loss_coef, lpr_loss_coef, cls_loss_coef = 0.01, 0.5, 0.0
+
+    lm, aux, lpr, cls = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(4.0), torch.tensor(5.0)
+    terms = {"lm_loss": lm, "aux_loss": aux, "lpr_loss": lpr, "cls_loss": cls}
+    loss, scaled = losses.step_loss(terms, Config())
+    assert loss.item() == pytest.approx(2.0 + 0.03 + 2.0) and set(scaled) == {"lm_loss", "aux_loss", "lpr_loss"}
+    # 2 processes, 4 micro-batches: globally counted terms ×2 (DDP averages), per-forward ones ÷4
+    loss, scaled = losses.step_loss(terms, Config(), global_terms=frozenset({"lm_loss", "lpr_loss"}), split=(2, 4))
+    assert scaled == {"lm_loss": lm * 2, "aux_loss": aux / 4, "lpr_loss": lpr * 2}
+    assert loss.item() == pytest.approx(4.0 + 0.01 * 0.75 + 0.5 * 8.0)
+    assert losses.step_loss({"lm_loss": None, "aux_loss": None}, Config()) == (None, {})
 
 
 def test_lpr_paper_form_is_mean_minus_log_g0_over_layer_old_token_pairs():
@@ -76,7 +125,7 @@ def test_lpr_official_form_is_double_softmax_cross_entropy():
     probs = logits.softmax(-1)[old.bool()]
     expected = F.cross_entropy(probs, torch.zeros(3, dtype=torch.long))
     assert losses.lpr_loss([logits], old, form="official").item() == pytest.approx(expected.item(), rel=1e-6)
-    # bounded below by log(1 + (E-1)/e), as method.md notes
+    # bounded below by log(1 + (E-1)/e), as docs/method.md notes
     confident = torch.tensor([[100.0, 0, 0, 0, 0, 0]])
     bound = math.log(1 + 5 / math.e)
     assert losses.lpr_loss([confident], torch.tensor([1]), form="official").item() == pytest.approx(bound, rel=1e-5)

@@ -1,11 +1,5 @@
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from train_helpers import build_dense, write_corpora  # noqa: E402
+from train_helpers import build_dense, write_corpora
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from tiny import COMMON, CONFIGS, tiny_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from moelpr import UserError, upcycle
-from moelpr.train.baselines import llama_pro_positions, prepare_baseline, save_baseline
+from moelpr.baselines import add_llama_pro_blocks, add_lora, llama_pro_positions, save_merged_lora
 
 
 def _model(arch: str, layers: int = 4):
@@ -32,7 +32,7 @@ def test_llama_pro_expansion_is_identity_and_trains_only_new_blocks(arch):
     ids = tiny_ids()
     before = _logits(model, ids)
     kinds = list(getattr(model.config, "layer_types", None) or [])
-    model = prepare_baseline("llama_pro", model, llama_pro_blocks=2, verbose=False)
+    model = add_llama_pro_blocks(model, blocks=2)
 
     layers = model.model.layers
     assert len(layers) == model.config.num_hidden_layers == 6
@@ -56,7 +56,7 @@ def test_llama_pro_generate_with_cache_matches_dense():
     ids = tiny_ids(batch=1, seq=6)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     expected = dense.generate(ids, **kwargs)
-    model = prepare_baseline("llama_pro", _model("qwen2"), llama_pro_every=1, verbose=False)
+    model = add_llama_pro_blocks(_model("qwen2"), every=1)
     assert model.config.num_hidden_layers == 8
     cached = model.generate(ids, use_cache=True, **kwargs)
     uncached = model.generate(ids, use_cache=False, **kwargs)
@@ -64,13 +64,13 @@ def test_llama_pro_generate_with_cache_matches_dense():
 
 
 def test_llama_pro_save_reload_round_trip(tmp_path):
-    model = prepare_baseline("llama_pro", _model("gemma2"), llama_pro_blocks=2, verbose=False)
+    model = add_llama_pro_blocks(_model("gemma2"), blocks=2)
     with torch.no_grad():  # as after training: the new blocks are no longer identities
         for p in model.model.layers[2].parameters():
             p.add_(0.01 * torch.randn_like(p))
     ids = tiny_ids()
     expected = _logits(model, ids)
-    save_baseline("llama_pro", model, tmp_path / "out")
+    model.save_pretrained(tmp_path / "out")  # what moelpr.train.methods saves for llama_pro
     assert not list((tmp_path / "out").glob("*.bin")) and list((tmp_path / "out").glob("*.safetensors"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert reloaded.config.num_hidden_layers == 6 and len(reloaded.model.layers) == 6
@@ -80,7 +80,7 @@ def test_llama_pro_save_reload_round_trip(tmp_path):
 def test_lora_merge_round_trip(tmp_path):
     from moelpr import load_model
 
-    model = prepare_baseline("lora", tiny_model("llama"), verbose=False)
+    model = add_lora(tiny_model("llama"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
     targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
@@ -92,23 +92,13 @@ def test_lora_merge_round_trip(tmp_path):
                 p.normal_(0, 0.05)
     ids = tiny_ids()
     expected = _logits(model, ids)
-    merged = save_baseline("lora", model, tmp_path / "out")
+    merged = save_merged_lora(model, tmp_path / "out")
     assert not hasattr(merged, "peft_config")
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert not list((tmp_path / "out").rglob("*.bin"))
     reloaded = load_model(tmp_path / "out").eval()
     assert type(reloaded).__name__ == "LlamaForCausalLM"
     assert (_logits(reloaded, ids) - expected).abs().max().item() <= 1e-5
-
-
-def test_full_trains_everything(tmp_path):
-    model = tiny_model("llama")
-    model.requires_grad_(False)
-    model = prepare_baseline("full", model, verbose=False)
-    assert all(p.requires_grad for p in model.parameters())
-    save_baseline("full", model, tmp_path / "out")
-    with pytest.raises(UserError, match="not empty"):
-        save_baseline("full", model, tmp_path / "out")
 
 
 def test_positions():
@@ -120,28 +110,26 @@ def test_positions():
 
 
 @pytest.mark.parametrize(
-    "method, kwargs, message",
+    "build, kwargs, message",
     [
-        ("adapter", {}, "unknown baseline method"),
-        ("llama_pro", {}, "exactly one of"),
-        ("llama_pro", {"llama_pro_blocks": 2, "llama_pro_every": 1}, "exactly one of"),
-        ("llama_pro", {"llama_pro_blocks": 4}, "between 1 and the model's 3 layers"),
-        ("llama_pro", {"llama_pro_every": 0}, "llama_pro_every must be"),
-        ("llama_pro", {"llama_pro_blocks": 1.5}, "llama_pro_blocks must be"),
-        ("full", {"llama_pro_blocks": 2}, "only apply to method 'llama_pro'"),
-        ("lora", {"lora_rank": 0}, "lora_rank must be"),
-        ("lora", {"lora_target": "no_such_proj"}, "lora_target"),
+        (add_llama_pro_blocks, {}, "exactly one of"),
+        (add_llama_pro_blocks, {"blocks": 2, "every": 1}, "exactly one of"),
+        (add_llama_pro_blocks, {"blocks": 4}, "between 1 and the model's 3 layers"),
+        (add_llama_pro_blocks, {"every": 0}, "llama_pro_every must be"),
+        (add_llama_pro_blocks, {"blocks": 1.5}, "llama_pro_blocks must be"),
+        (add_lora, {"rank": 0}, "lora_rank must be"),
+        (add_lora, {"target": "no_such_proj"}, "lora_target"),
     ],
 )
-def test_bad_arguments_are_one_line_user_errors(method, kwargs, message):
+def test_bad_arguments_are_one_line_user_errors(build, kwargs, message):
     with pytest.raises(UserError, match=message) as err:
-        prepare_baseline(method, tiny_model("llama"), verbose=False, **kwargs)
+        build(tiny_model("llama"), **kwargs)
     assert "\n" not in str(err.value)
 
 
 def test_rejects_upcycled_and_wrong_kind_models(tmp_path):
     with pytest.raises(UserError, match="upcycled"):
-        prepare_baseline("full", upcycle(tiny_model("llama"), num_experts=2), verbose=False)
+        add_lora(upcycle(tiny_model("llama"), num_experts=2))
     with pytest.raises(UserError, match="needs a peft LoRA model"):
-        save_baseline("lora", tiny_model("llama"), tmp_path / "x")
+        save_merged_lora(tiny_model("llama"), tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -36,7 +36,7 @@ def recipe(tmp_path_factory) -> Path:
     return path
 
 
-# Every run: micro-batch 1, global batch 4. The balance loss is defined per forward pass (method.md), so
+# Every run: micro-batch 1, global batch 4. The balance loss is defined per forward pass (docs/method.md), so
 # the exact single-process equivalent of 2 processes × GA 2 keeps the micro-batch and accumulates 4.
 BATCH = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2)
 

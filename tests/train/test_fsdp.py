@@ -8,13 +8,11 @@ Not through the Trainer: accelerate turns FSDP on only for GPU-like distributed 
 MULTI_XPU, ...), so on CPU `fsdp: true` trains with DDP; there is no supported switch for CPU FSDP.
 """
 
-import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from tiny import tiny_ids, tiny_model
 
 import moelpr
 
-MODES = ("cpu_path", "single_grouped_call")
+MODES = ("loop", "grouped")  # moe_dispatch: the CPU path, and the GPUs' training path forced on CPU
 GLOBAL_BATCH = 4  # sequences; each of the 2 processes takes 2
 
 WORKER = textwrap.dedent("""
@@ -35,25 +33,24 @@ WORKER = textwrap.dedent("""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     import moelpr
-    from test_fsdp import MODES, build, dispatch_path, half_batch
+    from test_fsdp import MODES, build, half_batch
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for mode in MODES:
-        with dispatch_path(mode):
-            model = build()
-            for layer in model.lm.model.layers:
-                fully_shard(layer)  # one unit: attention + MoE block (frozen expert 0, trainable new experts)
-            fully_shard(model)
-            assert all(isinstance(p, DTensor) for p in model.parameters())  # every parameter is a shard
-            ids = half_batch(rank, world)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            mean /= world
-            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
-            frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+        model = build(mode)
+        for layer in model.lm.model.layers:
+            fully_shard(layer)  # one unit: attention + MoE block (frozen expert 0, trainable new experts)
+        fully_shard(model)
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # every parameter is a shard
+        ids = half_batch(rank, world)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        mean /= world
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
         if rank == 0:
             assert not frozen_grads, frozen_grads
             save_file({**grads, "loss": mean.reshape(1)}, f"{sys.argv[1]}/{mode}.safetensors")
@@ -65,11 +62,11 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def build():
+def build(mode: str = "loop"):
     """The tiny Llama upcycled to 4 experts (top-2), stage-1 trainable set, same weights in every process."""
     dense = tiny_model("llama", seed=0)
     torch.manual_seed(0)  # the routers' initialisation
-    return moelpr.upcycle(dense, num_experts=4, top_k=2, aux_loss_coef=0.01).train()
+    return moelpr.upcycle(dense, num_experts=4, top_k=2, aux_loss_coef=0.01, moe_dispatch=mode).train()
 
 
 def half_batch(rank: int, world: int) -> torch.Tensor:
@@ -78,19 +75,11 @@ def half_batch(rank: int, world: int) -> torch.Tensor:
     return ids[rank * per : (rank + 1) * per]
 
 
-def dispatch_path(mode: str):
-    """A context for `mode`: the CPU path is the default; the single grouped call (GPU training) is forced."""
-    if mode == "single_grouped_call":
-        return mock.patch.object(moelpr.MoEBlock, "_single_grouped_call", lambda block, x: True)
-    return contextlib.nullcontext()
-
-
 def reference(mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One process, the same global batch: the balance loss is per forward pass, so (L(half 0) + L(half 1)) / 2."""
-    with dispatch_path(mode):
-        model = build()
-        loss = sum(model(input_ids=ids, labels=ids).loss for ids in (half_batch(r, 2) for r in range(2))) / 2
-        loss.backward()
+    model = build(mode)
+    loss = sum(model(input_ids=ids, labels=ids).loss for ids in (half_batch(r, 2) for r in range(2))) / 2
+    loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 

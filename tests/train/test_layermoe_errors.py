@@ -103,8 +103,8 @@ def test_bad_layermoe_keys(bad, message):
 def test_classifier_top_k_defaults_to_seven(tmp_path):
     from transformers import LlamaConfig
 
+    from moelpr.layermoe.training import classifier_layers_from_similarity
     from moelpr.model import MoELPRConfig
-    from moelpr.train.layermoe import classifier_layers_from_similarity
 
     text = LlamaConfig(num_hidden_layers=8, hidden_size=16, intermediate_size=32, num_attention_heads=2)
     config = MoELPRConfig(text_config=text, experts_per_layer=[2] * 7 + [1])  # layer 7 stays dense

@@ -1,4 +1,4 @@
-"""The shipped LayerMoE recipes carry the scripts' values (method.md §2.3, §2.5, §2.8) and name files that exist."""
+"""The shipped LayerMoE recipes carry the scripts' values (docs/method.md §4) and name files that exist."""
 
 import json
 from pathlib import Path

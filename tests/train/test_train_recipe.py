@@ -23,16 +23,32 @@ def test_training_args_are_collected_and_overrides_win(tmp_path):
     assert recipe.to_dict()["continue"] is True and recipe.to_dict()["learning_rate"] == 3e-4
 
 
-def test_parse_overrides_yaml_values():
-    assert parse_overrides(["--a", "1", "--b", "true", "--c", "[1, 2]", "--d", "x", "--e"]) == {
-        "a": 1,
-        "b": True,
-        "c": [1, 2],
-        "d": "x",
+def test_overrides_are_read_as_the_key_expects():
+    assert parse_overrides(["--a", "1", "--b", "true", "--c=[1, 2]", "--e"]) == {
+        "a": "1",
+        "b": "true",
+        "c": "[1, 2]",
         "e": True,
     }
     with pytest.raises(UserError, match="overrides look like"):
         parse_overrides(["stray"])
+    overrides = ["--max_steps", "5", "--bf16", "true", "--layers", "[0, 1]", "--save_strategy", "no"]
+    overrides += ["--run_name", "123", "--report_to", "none", "--learning_rate", "3e-4", "--continue"]
+    recipe = load_recipe(BASE, overrides)
+    assert recipe.training_args["max_steps"] == 5 and recipe.training_args["bf16"] is True
+    assert recipe.training_args["learning_rate"] == 3e-4 and recipe.layers == [0, 1] and recipe.continue_ is True
+    # YAML would make these false / 123 / None: the keys expect text, so the text stays
+    assert recipe.training_args["save_strategy"] == "no"
+    assert recipe.training_args["run_name"] == "123" and recipe.training_args["report_to"] == "none"
+
+
+def test_train_help_lists_every_recipe_key_with_type_and_default():
+    from moelpr.train.recipe import recipe_help
+
+    text = recipe_help()
+    assert "lpr_loss_coef (float; default 0.1): Weight of the LPR loss (stage 2)" in text
+    assert "model (str; required)" in text and "continue (bool; default False)" in text
+    assert "moe_dispatch (str; default 'auto')" in text
 
 
 def test_misspelt_key_gets_a_suggestion():

@@ -1,4 +1,4 @@
-"""LayerMoE per-layer cross-lingual similarity of MLP inputs (method.md §2.2).
+"""LayerMoE per-layer cross-lingual similarity of MLP inputs (docs/method.md §4).
 
 For every decoder layer l the MLP input (the `post_attention_layernorm` output, "HSA") of the first
 `tokens` tokens of each language is captured. The pair score sim_l(a, b) is the mean cosine over *all*
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelpr.errors import UserError
+from moelpr.model import arch
 
 DEFAULT_TOKENS = 100_000
 MAX_DOC_TOKENS = 10_000  # each document is truncated to this many tokens (official script)
@@ -40,28 +41,11 @@ def mean_pairwise_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(mean_x @ mean_y)
 
 
-def _language_model(model: nn.Module) -> nn.Module:
-    """The HF causal LM inside `model` (a `MoELPRForCausalLM` holds it as `.lm`)."""
-    lm = getattr(model, "lm", None)
-    return lm if isinstance(lm, nn.Module) else model
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings + layers + final norm, no LM head) of a causal LM."""
-    lm = _language_model(model)
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    if decoder is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
-        decoder = getattr(lm, "model", None)
-    if decoder is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
-        raise UserError(f"cannot find the decoder layers of {type(lm).__name__}; expected `model.model.layers`")
-    return decoder
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a HF causal LM or of a `MoELPRForCausalLM` wrapper."""
-    layers = _decoder(model).layers
+    """The decoder layers of a HF causal LM or of a `MoELPRForCausalLM`, each with an `mlp` to hook."""
+    layers = arch.decoder_layers(model)
     if any(not isinstance(getattr(layer, "mlp", None), nn.Module) for layer in layers):
-        raise UserError(f"every decoder layer of {type(_language_model(model)).__name__} must have an `mlp`")
+        raise UserError(f"every decoder layer of {type(model).__name__} must have an `mlp`")
     return layers
 
 
@@ -136,7 +120,7 @@ def unit_vector_sums(
     Returns:
         `(L, H)` float64 sums and the number of tokens summed.
     """
-    decoder = _decoder(model)
+    decoder = arch.decoder(model)
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     hooks = _UnitSumHooks(layers)
@@ -251,7 +235,7 @@ def compute_similarity(
         means[lang] = sums / count  # (L, H)
         counts[lang] = count
 
-    lm = _language_model(model)
+    lm = getattr(model, "lm", model)  # a MoELPRForCausalLM holds the HF causal LM as `.lm`
     name = model_name or getattr(lm, "name_or_path", "") or getattr(model, "name_or_path", "") or type(lm).__name__
     return {
         "model": str(name),

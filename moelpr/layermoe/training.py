@@ -1,4 +1,4 @@
-"""LayerMoE in the training recipes (method.md §2): stage-2 classifiers and lifelong expansion.
+"""LayerMoE in the training recipes (docs/method.md §4): stage-2 classifiers and lifelong expansion.
 
 Stage 2: a recipe with `classifier_layers`, or `similarity` (+ `classifier_top_k`, default 7), puts a
 language-group classifier in front of the router of those MoE layers (the K of highest S_l); it trains with
@@ -36,7 +36,7 @@ def new_experts(recipe: Recipe, num_layers: int) -> list[int]:
 
 def expanded_model(recipe: Recipe, moelpr) -> tuple[object, int]:
     """The finished stage-2 model with one more expansion group; returns (model, the group's corpus number)."""
-    from moelpr.moe.upcycle import expand
+    from moelpr.upcycling.expand import expand
 
     model = moelpr.load_model(recipe.model)
     finished = getattr(getattr(model, "config", None), "completed_stage", 0)
@@ -58,7 +58,7 @@ def expanded_model(recipe: Recipe, moelpr) -> tuple[object, int]:
 
 def classifier_layers_from_similarity(path: str | os.PathLike, config, k: int) -> list[int]:
     """The `k` MoE layers of highest S_l in a similarity.json (ties: the earlier layer), in layer order."""
-    from moelpr.analysis.allocation import check_against_model, load_similarity, scores_from_similarity
+    from moelpr.layermoe.allocation import check_against_model, load_similarity, scores_from_similarity
 
     similarity = load_similarity(Path(path))
     check_against_model(similarity, len(config.experts_per_layer))

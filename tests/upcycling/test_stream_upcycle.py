@@ -16,7 +16,7 @@ from tiny import CONFIGS, tiny_ids, tiny_model, word_tokenizer
 
 import moelpr
 from moelpr.cli import main
-from moelpr.moe.stream_upcycle import stream_upcycle
+from moelpr.upcycling.stream import stream_upcycle
 
 COUNTS = [3, 1, 4]  # an MoE layer, a dense one, a bigger MoE layer
 
@@ -182,7 +182,7 @@ MEMORY_CHILD = r"""
 import json, resource, sys, torch
 import transformers.models.llama.modeling_llama, safetensors.torch, huggingface_hub  # imports before the baseline
 import moelpr
-from moelpr.moe.stream_upcycle import stream_upcycle
+from moelpr.upcycling.stream import stream_upcycle
 
 def vm(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPES = REPO / "recipes" / "tiny"
 
 LANGS = {  # language: (role, alphabet)

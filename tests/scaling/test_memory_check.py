@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from moelpr.analysis.memory import DenseShape, Engine, MoELayout, TrainingSetup, plan
-from moelpr.analysis.memory_calibration import (
+from moelpr.scaling.calibrate import (
     build_model,
     calibrate,
     make_batch,
     measure_replica,
     process_peak,
     replica_scales,
-    saved_tensor_bytes,
 )
+from moelpr.scaling.measure import saved_tensor_bytes
+from moelpr.scaling.plan import DenseShape, Engine, MoELayout, TrainingSetup, plan
 
 LAYOUT = MoELayout(num_experts=4, top_k=2)
 SMALL = DenseShape(
@@ -34,7 +34,7 @@ SMALL = DenseShape(
 @pytest.mark.parametrize(
     "precision, dispatch, stage, checkpointing, fresh",
     [
-        ("fp32", "per_group", 1, False, True),  # the CPU path
+        ("fp32", "loop", 1, False, True),  # the CPU path
         ("bf16", "grouped", 1, True, True),  # the GPU path (one grouped matmul for all experts), checkpointed
         ("bf16", "grouped", 2, False, False),  # stage 2, gradient-accumulation micro-step
     ],
@@ -64,7 +64,7 @@ def test_saved_tensors_follow_what_trains():
     batch = make_batch(2, 16, SMALL.vocab_size)
     saved = {}
     for stage in (1, 2):
-        model = build_model(SMALL, LAYOUT, stage, dtype=torch.float32, dispatch="per_group", lm_loss_chunk=16)
+        model = build_model(SMALL, LAYOUT, stage, dtype=torch.float32, dispatch="loop", lm_loss_chunk=16)
         saved[stage] = saved_tensor_bytes(model, batch)
     # Nothing upstream of layer 0's attention trains (frozen embeddings), so it saves nothing for backward.
     assert "layer0.attention" not in saved[1] and saved[1]["layer1.attention"] > 0
@@ -88,9 +88,7 @@ def test_plan_matches_the_peak_rss_of_a_real_training_step():
         vocab_size=8192,
     )
     setup = TrainingSetup(stage=1, micro_batch=2, seq_len=256, precision="fp32", lm_loss_chunk=128)
-    planned = plan(
-        shape, LAYOUT, setup, Engine("single"), calibrate(shape, LAYOUT, setup, dispatch="per_group").profile
-    )
+    planned = plan(shape, LAYOUT, setup, Engine("single"), calibrate(shape, LAYOUT, setup, dispatch="loop").profile)
     measured = process_peak(shape, LAYOUT, setup)
     assert measured["weights"] == planned.weights
     assert measured["peak"] == pytest.approx(planned.peak, rel=0.15)

@@ -1,6 +1,6 @@
 """What each stage trains, and a one-line parameter summary.
 
-stage1: the new experts and the routers (method.md §1.1); with `groups`, only those expansion groups'
+stage1: the new experts and the routers (docs/method.md §1); with `groups`, only those expansion groups'
         experts and router rows (lifelong expansion freezes everything trained before).
 stage2: the routers and the LayerMoE classifiers only.
 loramoe: the LoRA experts and their routers of the LoRAMoE baseline.

@@ -3,17 +3,10 @@
 The plan's activations are measured on the real code path (`moelpr.upcycle`, `MoEBlock`, the chunked LM loss
 with `compute_logits=False`, HF activation checkpointing), not taken from a generic formula:
 
-- `LiveTensorBytes` is a `TorchDispatchMode` that sees every tensor an op returns (forward, backward,
-  checkpoint recomputation) and keeps the bytes of the storages alive now and their peak. A storage counts from
-  its first op output until it is freed (a `weakref.finalize` on the storage; PyTorch keeps one Python object
-  per storage). Parameters, existing gradients and the batch are excluded, so what it sees is activations and
-  transients.
-- `measure_step` splits that timeline into phases with module hooks (`StepProfile`).
-- `saved_tensor_bytes` counts what autograd saves for backward (unique storages, via
-  `torch.autograd.graph.saved_tensors_hooks`) per decoder layer, attention part and MoE part.
+- `moelpr.scaling.measure` measures one step's activations phase by phase and what autograd saves.
 - `calibrate` measures replicas of the target: hidden, intermediate, head and vocabulary sizes, sequence length
   and LM-loss chunk divided by s (heads, experts, top-k, micro-batch kept; 4 layers: the first, two middle ones,
-  the last), at two scales s, and extrapolates each phase figure to s = 1 (`memory.extrapolate`). Keeping the
+  the last), at two scales s, and extrapolates each phase figure to s = 1 (`plan.extrapolate`). Keeping the
   proportions keeps the op at which each backward peaks, so the maxima extrapolate like the sums.
 - `process_peak` runs a real training step in a fresh process and reads its peak RSS (the check).
 """
@@ -25,230 +18,15 @@ import json
 import os
 import subprocess
 import sys
-import weakref
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Callable, Literal
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from moelpr.analysis.memory import ActivationProfile, DenseShape, MoELayout, TrainingSetup, extrapolate
+from moelpr.scaling.measure import StepProfile, measure_step, saved_tensor_bytes
+from moelpr.scaling.plan import ActivationProfile, DenseShape, MoELayout, TrainingSetup, extrapolate
 
-Dispatch = Literal["grouped", "per_group"]
+Dispatch = Literal["grouped", "loop"]  # the MoE blocks' dispatch paths measured (moelpr.model.dispatch)
 REPLICA_LAYERS = 4
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created inside the mode that are alive now, their peak and a phase peak."""
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        super().__init__()
-        self._known = {t.untyped_storage().data_ptr() for t in exclude}
-        self.live = 0
-        self.peak = 0
-        self.phase_peak = 0
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._known.discard(key)
-
-    def start_phase(self) -> int:
-        """Reset the phase peak to the bytes alive now and return them."""
-        self.phase_peak = self.live
-        return self.live
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self._known:
-                    self._known.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._freed, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        self.phase_peak = max(self.phase_peak, self.live)
-        return out
-
-
-@dataclasses.dataclass
-class StepProfile:
-    """Phase figures of one measured forward+backward, in bytes.
-
-    layer_forward[l]: bytes layer l leaves alive after its forward. layer_backward[l]: the peak during layer l's
-    backward minus the bytes alive after the forward of layers 0..l (and minus the gradients of layers > l, when
-    measured fresh). before_layers: alive when layer 0 starts; after_layers: what the final norm and the loss
-    forward add; loss_backward: the peak of the loss backward above the end of the forward.
-    """
-
-    layer_forward: list[int]
-    layer_backward: list[int]
-    before_layers: int
-    after_layers: int
-    loss_backward: int
-    expert0_pairs: list[int]  # (token, expert) pairs routed to expert 0, per layer
-
-    def profile(self, fresh: bool) -> ActivationProfile:
-        fwd, bwd = self.layer_forward, self.layer_backward
-        return ActivationProfile(
-            forward_first=fwd[0],
-            forward_other=sum(fwd[1:]) / (len(fwd) - 1),
-            backward_first=bwd[0],
-            backward_middle=sum(bwd[1:-1]) / max(len(bwd) - 2, 1),
-            backward_top=bwd[-1],
-            before_layers=self.before_layers,
-            after_layers=self.after_layers,
-            loss_backward=self.loss_backward,
-            fresh=fresh,
-        )
-
-
-def _decoder_layers(model) -> Sequence[torch.nn.Module]:
-    return model.lm.get_decoder().layers
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-def measure_step(
-    model, batch: dict[str, torch.Tensor], *, checkpointing: bool = False, fresh: bool = True
-) -> StepProfile:
-    """Profile one training forward+backward of an upcycled model, as `MoETrainer` calls it.
-
-    `fresh=True`: no `.grad` exists at the start (the first micro-step after `zero_grad(set_to_none=True)`).
-    `fresh=False`: a warm-up backward first allocates every `.grad` (the later micro-steps of gradient
-    accumulation); new gradients are then transients added into the existing ones.
-    """
-    layers = _decoder_layers(model)
-    model.train()
-    for p in model.parameters():
-        p.grad = None
-    if checkpointing:
-        model.activation_checkpointing_enable()
-    try:
-        if not fresh:
-            model(**batch, compute_logits=False).loss.backward()
-        return _profile(model, layers, batch, fresh)
-    finally:
-        if checkpointing:
-            model.activation_checkpointing_disable()
-
-
-def _profile(model, layers: Sequence[torch.nn.Module], batch: dict[str, torch.Tensor], fresh: bool) -> StepProfile:
-    exclude = [
-        *model.parameters(),
-        *model.buffers(),
-        *batch.values(),
-        *(p.grad for p in model.parameters() if p.grad is not None),
-    ]
-    tracker = LiveTensorBytes(exclude)
-    marks: dict[str, int] = {}
-    peaks: dict[str, int] = {}
-    state = {"phase": "start", "backward": False}
-
-    def enter(phase: str) -> None:
-        peaks[state["phase"]] = tracker.phase_peak
-        state["phase"] = phase
-        marks[phase] = tracker.start_phase()
-
-    def forward_pre(index: int) -> Callable:
-        def hook(module, args):
-            if not state["backward"]:
-                enter(f"forward {index}")
-
-        return hook
-
-    def forward_post(index: int) -> Callable:
-        def on_grad(grad: torch.Tensor) -> None:
-            state["backward"] = True
-            enter(f"backward {index}")
-
-        def hook(module, args, output):
-            if state["backward"] or not torch.is_grad_enabled():
-                return
-            hidden = _first_tensor(output)
-            if hidden.requires_grad:
-                hidden.register_hook(on_grad)
-            enter(f"after {index}")
-
-        return hook
-
-    handles = [
-        h
-        for i, layer in enumerate(layers)
-        for h in (layer.register_forward_pre_hook(forward_pre(i)), layer.register_forward_hook(forward_post(i)))
-    ]
-    try:
-        with tracker:
-            enter("embed")
-            out = model(**batch, compute_logits=False, output_router_logits=True)
-            logits = [t.detach() for t in out.router_logits]
-            enter("loss backward")
-            out.loss.backward()
-            del out
-            enter("end")
-    finally:
-        for handle in handles:
-            handle.remove()
-    n = len(layers)
-    cumulative = [marks[f"after {i}"] for i in range(n)]  # alive after the forward of layers 0..i
-    grads = [
-        0 if not fresh else sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
-        for layer in layers
-    ]
-    expert0 = [int((layer.mlp.route(lg)[1] == 0).sum()) for layer, lg in zip(layers, logits)]
-    return StepProfile(
-        layer_forward=[marks[f"after {i}"] - marks[f"forward {i}"] for i in range(n)],
-        layer_backward=[peaks[f"backward {i}"] - cumulative[i] - sum(grads[i + 1 :]) for i in range(n)],
-        before_layers=marks["forward 0"],
-        after_layers=marks["loss backward"] - cumulative[-1],
-        loss_backward=peaks["loss backward"] - marks["loss backward"],
-        expert0_pairs=expert0,
-    )
-
-
-def saved_tensor_bytes(model, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Unique storage bytes autograd saves for backward, by place: "layer{l}.attention", "layer{l}.moe", "outside".
-
-    Parameters are not counted (weights, not activations); a storage is charged to the place that saved it first.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
-    totals: dict[str, int] = {}
-    where = ["outside"]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in params and key not in seen:
-            seen.add(key)
-            totals[where[-1]] = totals.get(where[-1], 0) + storage.nbytes()
-        return t
-
-    def push(name: str) -> Callable:
-        return lambda module, args: where.append(name)
-
-    def pop(module, args, output) -> None:
-        where.pop()
-
-    handles = []
-    for i, layer in enumerate(_decoder_layers(model)):
-        handles += [
-            layer.register_forward_pre_hook(push(f"layer{i}.attention")),
-            layer.register_forward_hook(pop),
-            layer.mlp.register_forward_pre_hook(push(f"layer{i}.moe")),
-            layer.mlp.register_forward_hook(pop),
-        ]
-    model.train()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(**batch, compute_logits=False)
-        del out
-    finally:
-        for handle in handles:
-            handle.remove()
-    return totals
 
 
 # ---- replicas -------------------------------------------------------------------------------------------------
@@ -293,13 +71,9 @@ def build_model(
     )
     model.config.lm_loss_chunk_size = lm_loss_chunk
     moelpr.set_trainable(model, "stage1" if stage == 1 else "stage2")
+    model.set_moe_dispatch(dispatch)  # "grouped": the path GPUs train with, forced on CPU
     for block in moelpr.moe_blocks(model):
-        for method in ("route", "_single_grouped_call"):
-            if not callable(getattr(type(block), method, None)):
-                raise RuntimeError(f"MoEBlock has no {method} any more; update moelpr.analysis.memory_calibration")
         block.route = _balanced(block.route, layout.num_experts)
-        if dispatch == "grouped":
-            block._single_grouped_call = lambda x: True  # the path GPUs take, forced on CPU
     return model
 
 
@@ -308,11 +82,11 @@ def _balanced(route: Callable, num_experts: int) -> Callable:
     every expert gets exactly its share of the pairs, as the balance loss aims for, so the measured memory does not
     depend on a random model's routing. The router, softmax and top-k still run (and save what they save)."""
 
-    def balanced_route(logits: torch.Tensor, limit: torch.Tensor | None = None):
-        weights, experts = route(logits, limit)  # (N, k)
-        n, k = experts.shape
-        pairs = torch.arange(n * k, device=experts.device).view(n, k)  # (N, k)
-        return weights, (pairs % num_experts).to(experts.dtype)
+    def balanced_route(hidden_states: torch.Tensor):
+        routing = route(hidden_states)
+        n, k = routing.experts.shape
+        pairs = torch.arange(n * k, device=routing.experts.device).view(n, k)  # (N, k)
+        return dataclasses.replace(routing, experts=(pairs % num_experts).to(routing.experts.dtype))
 
     return balanced_route
 
@@ -481,7 +255,7 @@ def process_peak(
     layout: MoELayout,
     setup: TrainingSetup,
     *,
-    dispatch: Dispatch = "per_group",
+    dispatch: Dispatch = "loop",
     steps: int = 2,
     threads: int = 1,
     warmup_scale: int = 8,
@@ -510,7 +284,7 @@ def process_peak(
         TRANSFORMERS_VERBOSITY="error",
     )
     done = subprocess.run(
-        [sys.executable, "-m", "moelpr.analysis.memory_calibration", json.dumps(spec)],
+        [sys.executable, "-m", "moelpr.scaling.calibrate", json.dumps(spec)],
         env=env,
         capture_output=True,
         text=True,

@@ -3,47 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from layermoe_helpers import LLAMA_N, LLAMA_S, similarity_json
 
-from moelpr.analysis.allocation import (
+from moelpr.errors import UserError
+from moelpr.layermoe.allocation import (
     allocate_experts,
     check_against_model,
     plot_allocation,
     scores_from_similarity,
 )
-from moelpr.errors import UserError
-
-# method.md §2.3: Llama-3.2-3B, G1 (el/hu/tr vs en/es/zh), layers 0-27
-LLAMA_S = [
-    0.0359,
-    0.0402,
-    0.0352,
-    0.0503,
-    0.0636,
-    0.0698,
-    0.0842,
-    0.0960,
-    0.0945,
-    0.0978,
-    0.1060,
-    0.1094,
-    0.1164,
-    0.1074,
-    0.1152,
-    0.1109,
-    0.0973,
-    0.0907,
-    0.0830,
-    0.0835,
-    0.0778,
-    0.0683,
-    0.0685,
-    0.0548,
-    0.0498,
-    0.0497,
-    0.0481,
-    0.0453,
-]
-LLAMA_N = [5, 5, 5, 4, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4]
 
 
 def test_reproduces_the_llama_worksheet():
@@ -101,18 +69,11 @@ def test_bad_allocation_input(scores, budget, message):
         allocate_experts(scores, budget)
 
 
-def _similarity(scores):
-    return {
-        "num_layers": len(scores),
-        "per_layer": [{"layer": i, "pairs": {}, "score": s} for i, s in enumerate(scores)],
-    }
-
-
 def test_similarity_file_validation():
-    assert scores_from_similarity(_similarity([0.1, 0.2])) == [0.1, 0.2]
-    check_against_model(_similarity([0.1, 0.2]), 2)
+    assert scores_from_similarity(similarity_json([0.1, 0.2])) == [0.1, 0.2]
+    check_against_model(similarity_json([0.1, 0.2]), 2)
     with pytest.raises(UserError, match="has 2 layers but the model has 4"):
-        check_against_model(_similarity([0.1, 0.2]), 4)
+        check_against_model(similarity_json([0.1, 0.2]), 4)
     for bad in ({}, {"per_layer": []}, {"per_layer": [{"layer": 0}]}, {"per_layer": [{"score": "x"}]}, [1, 2]):
         with pytest.raises(UserError):
             scores_from_similarity(bad)

@@ -1,4 +1,4 @@
-"""LayerMoE per-layer expert counts from similarities (method.md §2.3, decision 7 in §3).
+"""LayerMoE per-layer expert counts from similarities (docs/method.md §4, decision 7 in §3).
 
     N_l = max(min_experts, ⌈ δ · S_l⁻¹ / Σ_j S_j⁻¹ ⌉)
 

@@ -7,17 +7,17 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from analysis_helpers import make_texts
+from layermoe_helpers import make_texts
 from torch import nn
 
-from moelpr.analysis.similarity import (
+from moelpr.errors import UserError
+from moelpr.layermoe.similarity import (
     collect_token_ids,
     compute_similarity,
     layer_scores,
     mean_pairwise_cosine,
     unit_vector_sums,
 )
-from moelpr.errors import UserError
 
 ROLES = {"en": "old", "es": "old", "tr": "new", "hu": "new"}
 
@@ -93,11 +93,14 @@ def test_unit_vector_sums_shape_and_padding_invariance(tiny_llama, tiny_tokenize
 
 
 class _Wrapper(nn.Module):
-    """Stands in for MoELPRForCausalLM: the HF LM is held as `.lm`."""
+    """Stands in for MoELPRForCausalLM: the HF LM is held as `.lm`, and the decoder is its decoder."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+
+    def get_decoder(self) -> nn.Module:
+        return self.lm.get_decoder()
 
 
 class _BlockAroundMLP(nn.Module):

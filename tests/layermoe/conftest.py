@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from analysis_helpers import WORDS
+from layermoe_helpers import WORDS
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,7 @@ import types
 from dataclasses import dataclass
 
 import pytest
-from analysis_helpers import make_texts
-from test_analysis_allocation import LLAMA_N, LLAMA_S, _similarity
+from layermoe_helpers import LLAMA_N, LLAMA_S, make_texts, similarity_json
 
 from moelpr.cli import main
 
@@ -17,7 +16,7 @@ from moelpr.cli import main
 @pytest.fixture()
 def similarity_file(tmp_path):
     path = tmp_path / "similarity.json"
-    path.write_text(json.dumps(_similarity(LLAMA_S)))
+    path.write_text(json.dumps(similarity_json(LLAMA_S)))
     return path
 
 
@@ -220,7 +219,7 @@ def test_similarity_and_allocate_on_a_saved_moelpr_model(tmp_path, fake_corpora,
     assert json.loads(out.read_text())["num_layers"] == 4
 
     sim = tmp_path / "sim3.json"
-    sim.write_text(json.dumps(_similarity([0.1, 0.2, 0.3])))
+    sim.write_text(json.dumps(similarity_json([0.1, 0.2, 0.3])))
     argv = ["allocate", "--similarity", str(sim), "--budget", "6", "--output", str(tmp_path / "a.json")]
     assert main(argv + ["--model", str(model_dir)]) == 2  # 3 layers in the file, 4 in the model
 

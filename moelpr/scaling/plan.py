@@ -2,7 +2,7 @@
 
 Pure arithmetic (no torch): parameter counts come from the dense config and the expert layout; what each engine
 keeps per GPU follows the rules below; activations come from an `ActivationProfile` measured on our own code
-(`moelpr.analysis.memory_calibration`). Ψ = all parameters, Ψt = trainable ones, n = world size. Frozen
+(`moelpr.scaling.calibrate`). Ψ = all parameters, Ψt = trainable ones, n = world size. Frozen
 parameters (expert 0, attention, norms, embeddings, LM head in both MoE stages) have no gradient and no
 optimizer state under any engine.
 

@@ -4,7 +4,7 @@ import torch
 from tiny import tiny_ids, tiny_model
 
 import moelpr
-from moelpr.moe.upcycle import add_expert_group
+from moelpr.upcycling.expand import add_expert_group
 
 
 def trainable(model):

@@ -9,7 +9,7 @@ import pytest
 from tiny import tiny_model
 
 import moelpr
-from moelpr.analysis.memory import (
+from moelpr.scaling.plan import (
     ActivationProfile,
     DenseShape,
     Engine,

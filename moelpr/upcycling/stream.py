@@ -7,9 +7,9 @@ tensors are read from the checkpoint with `safe_open` (reopened per read, so no 
 memory) and new experts are copied from their layer's MLP with `StackedExperts.copies_of`, one layer at a time.
 Peak memory ≈ one output shard plus one layer's experts.
 
-Routers are drawn on the CPU by the same calls, in the same order, as in `moelpr.upcycle` (`new_router` per
-layer, then `MoELPRForCausalLM`'s own weight initialisation), so after `torch.manual_seed(s)` both give the
-same routers and the two outputs hold identical tensors. The file layout is what `save_pretrained(DIR,
+Both upcycles build their blocks with the one construction, `moelpr.model.convert.build_block` (here on the
+meta device with real CPU routers, the new experts filled in later by the same `new_experts`), so after
+`torch.manual_seed(s)` both draw the same routers and the two outputs hold identical tensors. The file layout is what `save_pretrained(DIR,
 max_shard_size=...)` writes: `model.safetensors`, or shards plus `model.safetensors.index.json`.
 """
 
@@ -169,17 +169,6 @@ def _dense_skeleton(path: Path, config, checkpoint: DenseCheckpoint) -> nn.Modul
         raise UserError(f"{path} is not a causal language model ({str(err).splitlines()[0]})") from None
 
 
-def _draw_routers(lm: nn.Module) -> None:
-    """Replace every (meta) router by a real one, drawn in layer order exactly as `convert_layers` draws them."""
-    from moelpr.model.capture import moe_blocks
-    from moelpr.model.layer import new_router
-
-    for block in moe_blocks(lm):
-        for g, router in enumerate(block.routers):
-            like = torch.empty(0, dtype=router.weight.dtype)
-            block.routers[g] = new_router(router.in_features, router.out_features, like=like)
-
-
 class _ShardFiller:
     """Produces any tensor of the MoE model's state dict on demand, holding one layer's MLP and experts at a time."""
 
@@ -207,7 +196,7 @@ class _ShardFiller:
 
     def mlp_and_experts(self, path: str) -> tuple[nn.Module, list[nn.Module]]:
         """The dense MLP of the block at `path`, read from the checkpoint, and its new expert groups (copies)."""
-        from moelpr.model.layer import StackedExperts
+        from moelpr.model.convert import new_experts
 
         block = self.blocks[path]
         mlp = copy.deepcopy(block.original)  # meta: no memory
@@ -216,7 +205,7 @@ class _ShardFiller:
             for key, t in block.original.state_dict(keep_vars=True).items()
         }
         mlp.load_state_dict(weights, assign=True)
-        return mlp, [StackedExperts.copies_of(mlp, group.num_experts) for group in block.experts]
+        return mlp, [new_experts(mlp, group.num_experts, "copy", 0.0) for group in block.experts]
 
     def _layer_tensors(self, path: str) -> dict[str, torch.Tensor]:
         """The block's MLP and expert tensors not yet handed out (rebuilt if the shards come back to a layer)."""
@@ -259,7 +248,7 @@ def stream_upcycle(
         The MoE-LPR model on the meta device (real routers only): its config and parameter counts.
     """
     from moelpr.checkpoint import base_fingerprint, save_model
-    from moelpr.moe.freeze import set_trainable
+    from moelpr.upcycling.freeze import set_trainable
     from moelpr.utils.atomic import atomic_output_dir
 
     if format not in ("full", "delta"):
@@ -299,8 +288,8 @@ def _meta_moe(
     from moelpr.model import MoELPRConfig, MoELPRForCausalLM
     from moelpr.model.arch import check_supported, decoder_layers
     from moelpr.model.convert import convert_layers
-    from moelpr.moe.freeze import set_trainable
-    from moelpr.moe.upcycle import check_top_k, experts_per_layer_from
+    from moelpr.upcycling.freeze import set_trainable
+    from moelpr.upcycling.upcycle import check_top_k, experts_per_layer_from
 
     check_supported(lm)
     counts = experts_per_layer_from(num_experts, len(decoder_layers(lm)), layers)
@@ -313,10 +302,9 @@ def _meta_moe(
         expert_init="copy",
     )
     moe = MoELPRForCausalLM(config, lm=lm)  # wrapped before the surgery, as in `upcycle`
-    convert_layers(lm, config.expert_groups, top_k)  # on meta: no memory, no random draws
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
         torch.manual_seed(seed)
-        _draw_routers(lm)
+        convert_layers(lm, config.expert_groups, top_k, router_device="cpu")  # meta experts, real routers
     set_trainable(moe, "stage1")
     return moe
 
