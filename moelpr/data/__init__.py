@@ -1,8 +1,26 @@
-"""Data pipeline: corpora specs and reading (`corpus`), tokenising and packing with the per-token language-role
-mask and an on-disk cache (`pack`), and batching (`collate`)."""
+"""Data pipeline: corpora specs (`corpus`), reading sources (`read`), preparing tokenised, packed shards on disk
+(`prepare`, `shards`, `encode`), reading them mixed by weight (`prepared`, `mix`), the streaming path
+(`stream`), the datasets a training run reads (`training`), and batching (`collate`)."""
 
 from moelpr.data.collate import BlockCollator, collate_blocks
 from moelpr.data.corpus import Corpus, iter_documents, load_corpora
-from moelpr.data.pack import tokenize_and_pack
+from moelpr.data.prepare import prepare, summary
+from moelpr.data.prepared import PreparedDataset, prepared_corpora, read_manifest
+from moelpr.data.training import default_cache_dir, is_prepared, training_dataset, validation_datasets
 
-__all__ = ["BlockCollator", "Corpus", "collate_blocks", "iter_documents", "load_corpora", "tokenize_and_pack"]
+__all__ = [
+    "BlockCollator",
+    "Corpus",
+    "PreparedDataset",
+    "collate_blocks",
+    "default_cache_dir",
+    "is_prepared",
+    "iter_documents",
+    "load_corpora",
+    "prepare",
+    "prepared_corpora",
+    "read_manifest",
+    "summary",
+    "training_dataset",
+    "validation_datasets",
+]

@@ -42,7 +42,7 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     import moelpr
-    from moelpr.data import BlockCollator, load_corpora, tokenize_and_pack
+    from moelpr.data import BlockCollator, load_corpora, prepared_corpora, training_dataset
     from moelpr.train import layermoe
     from moelpr.train.trainer import MoETrainer
 
@@ -50,7 +50,7 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     out_dir = recipe.output_dir
     resume = _resume_point(recipe, out_dir)
     tokenizer = _load_tokenizer(recipe.model, AutoTokenizer)
-    corpora = load_corpora(recipe.corpora)
+    corpora = prepared_corpora(recipe.prepared) if recipe.prepared else load_corpora(recipe.corpora)
     set_seed(recipe.training_args.get("seed", TrainingArguments.seed))  # router (and LoRA / LLaMA-Pro) init is random
 
     if recipe.method == "moe" and recipe.expand:  # LayerMoE lifelong expansion: only the new group trains
@@ -118,17 +118,19 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     if args.process_index == 0:
         print(moelpr.parameter_summary(model))
 
-    with args.main_process_first(desc="tokenize and pack"):
-        dataset = tokenize_and_pack(
-            corpora,
-            tokenizer,
-            cutoff_len=recipe.cutoff_len,
-            cache_dir=recipe.cache_dir,
-            num_proc=recipe.num_proc,
-            streaming=recipe.streaming,
-            on_bad_record=recipe.on_bad_record,
-            seed=args.seed if recipe.streaming else None,
-        )  # the Trainer shuffles map-style data
+    dataset = training_dataset(  # raw corpora: prepared on every process at once, no barrier
+        corpora,
+        tokenizer,
+        cutoff_len=recipe.cutoff_len,
+        prepared=recipe.prepared,
+        cache_dir=recipe.cache_dir,
+        streaming=recipe.streaming,
+        seed=args.seed,
+        num_proc=recipe.num_proc,
+        on_bad_record=recipe.on_bad_record,
+        weights=recipe.weights,
+        num_shards=max(1, args.dataloader_num_workers),
+    )  # the Trainer shuffles map-style data
 
     # ---- train ------------------------------------------------------------------------------------------
     trainer = MoETrainer(
