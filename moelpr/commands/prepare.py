@@ -16,25 +16,15 @@ from moelpr.errors import UserError
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("corpora", help="corpora file (YAML, or LLaMA-Factory's dataset_info.json)")
     parser.add_argument("--tokenizer", required=True, help="the model's directory (or one holding its tokenizer)")
     parser.add_argument(
-        "--cutoff-len", type=_positive, required=True, help="tokens per block (the recipe's cutoff_len)"
+        "--cutoff-len", type=int, required=True, help="tokens per block (the recipe's cutoff_len)"
     )
     parser.add_argument("--output", required=True, help="dataset directory (a recipe's prepared:)")
     parser.add_argument(
-        "--num-proc", type=_positive, default=os.cpu_count() or 1, help="tokenising processes (default: all cores)"
+        "--num-proc", type=int, default=os.cpu_count() or 1, help="tokenising processes (default: all cores)"
     )
     parser.add_argument(
         "--on-bad-record",
@@ -44,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shard-mb",
-        type=_positive,
+        type=int,
         default=256,
         help="input MiB per shard: the unit of parallel work and of resumption (default 256)",
     )
@@ -53,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from moelpr.data import load_corpora, prepare, read_manifest, summary
+    from moelpr.data import load_corpora, read_manifest
+    from moelpr.data.prepare import prepare, summary
 
+    for flag in ("cutoff_len", "num_proc", "shard_mb"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     corpora = load_corpora(args.corpora)
     tokenizer = load_tokenizer(args.tokenizer)
     root = prepare(

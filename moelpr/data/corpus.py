@@ -240,14 +240,10 @@ def check_unique_names(corpora: list[Corpus]) -> None:
 
 
 def check_mixing(corpora: list[Corpus]) -> None:
-    """`UserError` unless weights are given to every corpus or to none (budgets and epochs go without them)."""
-    weighted = [c.name for c in corpora if c.weight is not None]
-    if weighted and len(weighted) != len(corpora):
-        other = next(c for c in corpora if c.weight is None)
-        raise UserError(
-            f"corpus {other.name!r} has no weight but {weighted[0]!r} has one; weights are shares of the whole "
-            "mixture: give weight: to every corpus or to none (tokens: / epochs: go without weights)"
-        )
+    """`UserError` unless weights are given to every corpus or to none (`moelpr.data.mix.check_weights`)."""
+    from moelpr.data.mix import check_weights
+
+    check_weights([c.name for c in corpora], [c.mix for c in corpora])
 
 
 def _read_spec_file(path: Path) -> Any:

@@ -18,8 +18,20 @@ from typing import Iterator, Sequence
 from moelpr.errors import UserError
 
 
+def check_weights(names: Sequence[str], mixes: Sequence[dict]) -> None:
+    """`UserError` unless weights are given to every corpus or to none (budgets and epochs go without them)."""
+    weighted = [n for n, m in zip(names, mixes) if "weight" in m]
+    if weighted and len(weighted) != len(names):
+        other = next(n for n, m in zip(names, mixes) if "weight" not in m)
+        raise UserError(
+            f"corpus {other!r} has no weight but {weighted[0]!r} has one; weights are shares of the whole "
+            "mixture: give weight: to every corpus or to none (tokens: / epochs: go without weights)"
+        )
+
+
 def block_counts(names: Sequence[str], blocks: Sequence[int], mixes: Sequence[dict], cutoff_len: int) -> list[int]:
     """Blocks each corpus gives one epoch, from the corpora's block counts and mixing settings."""
+    check_weights(names, mixes)
     if any("weight" in m for m in mixes):
         counts = apportion(sum(blocks), [m["weight"] for m in mixes])
     else:

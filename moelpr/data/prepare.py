@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,8 +242,8 @@ def _claim(root: Path, existing: dict | None, wanted: dict, overwrite: bool) -> 
             f"{root} holds a dataset prepared otherwise ({_difference(existing, wanted)}); pass --overwrite to "
             "replace it or choose another --output"
         )
-    if existing is not None:
-        shutil.rmtree(root)
+    if existing is not None:  # replaced: its shards whose keys still hold are kept, the others redone
+        (root / MANIFEST).unlink()
     if root.is_dir() and any(root.iterdir()) and not (root / SHARDS).is_dir():
         raise UserError(f"{root} exists and is not a prepared dataset; choose another --output or empty it")
     (root / SHARDS).mkdir(parents=True, exist_ok=True)
@@ -324,7 +323,7 @@ def _manifest(root, key, corpora, shards, records, encoder, cutoff_len, dtype, o
             raise no_documents(corpus, totals["skipped"])
         if totals["blocks"] == 0:
             raise UserError(
-                f"corpus {corpus.name!r} holds {totals['tokens']} tokens, fewer than one block in each of its "
+                f"corpus {corpus.name!r} holds {totals['dropped']} tokens, fewer than one block in each of its "
                 f"shards (cutoff_len={cutoff_len}); add data or lower cutoff_len"
             )
         if totals["skipped"]:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -100,8 +102,15 @@ def read_piece(
                 yield text
     except UnicodeDecodeError as e:
         raise UserError(f"{prefix}{piece.path}: not valid UTF-8 ({e.reason}); convert the file to UTF-8") from None
-    except (OSError, EOFError) as e:
+    except _read_errors() as e:
         raise UserError(f"{prefix}{piece.path}: cannot read the file ({e})") from None
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What an unreadable file or broken compressed stream raises."""
+    from zstandard import ZstdError
+
+    return (OSError, EOFError, zlib.error, lzma.LZMAError, ZstdError)
 
 
 # ---------------------------------------------------------------------------------------------- line files
