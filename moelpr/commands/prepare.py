@@ -19,9 +19,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("corpora", help="corpora file (YAML, or LLaMA-Factory's dataset_info.json)")
     parser.add_argument("--tokenizer", required=True, help="the model's directory (or one holding its tokenizer)")
-    parser.add_argument(
-        "--cutoff-len", type=int, required=True, help="tokens per block (the recipe's cutoff_len)"
-    )
+    parser.add_argument("--cutoff-len", type=int, required=True, help="tokens per block (the recipe's cutoff_len)")
     parser.add_argument("--output", required=True, help="dataset directory (a recipe's prepared:)")
     parser.add_argument(
         "--num-proc", type=int, default=os.cpu_count() or 1, help="tokenising processes (default: all cores)"

@@ -16,9 +16,6 @@ import numpy as np
 
 from moelpr.errors import UserError
 
-# Settings of a backend tokenizer that do not change the ids of `encode(text, add_special_tokens=False)`.
-_NOT_IDS = ("padding", "truncation")
-
 
 class Encoder:
     """Text batches → one flat id array with EOS after every document, and the documents' lengths."""
@@ -29,12 +26,13 @@ class Encoder:
             raise UserError("the tokenizer has no eos_token; set tokenizer.eos_token (it ends every packed document)")
         self.eos_id = int(eos_id)
         self.vocab_size = len(tokenizer)
-        self.fingerprint = tokenizer_fingerprint(tokenizer)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._definition = backend.to_str() if backend is not None else None
+        self._backend = _plain_backend(tokenizer)
+        self._definition = self._backend.to_str() if self._backend is not None else None
+        self.fingerprint = tokenizer_fingerprint(tokenizer, self._definition)
         self._split_special = bool(getattr(tokenizer, "split_special_tokens", False))
-        self._slow = tokenizer if backend is None else None
-        self._backend = None
+        self._slow = tokenizer if self._backend is None else None
+        if self._backend is not None:
+            self._backend.encode_special_tokens = self._split_special
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_backend": None}  # the Rust object is rebuilt from its JSON in each process
@@ -46,8 +44,6 @@ class Encoder:
             from tokenizers import Tokenizer
 
             self._backend = Tokenizer.from_str(self._definition)
-            self._backend.no_truncation()
-            self._backend.no_padding()
             self._backend.encode_special_tokens = self._split_special
         return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
 
@@ -62,13 +58,24 @@ class Encoder:
         return flat, lengths
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of what decides the ids: the backend definition (fast tokenizers; else class and vocabulary), EOS id."""
+def _plain_backend(tokenizer: Any) -> Any:
+    """A copy of the backend without padding and truncation (which do not change these ids); None for a Python one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = json.loads(backend.to_str())
-        definition = json.dumps({k: v for k, v in definition.items() if k not in _NOT_IDS}, sort_keys=True)
-    else:  # a Python tokenizer: its class is part of what it does
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
+def tokenizer_fingerprint(tokenizer: Any, definition: str | None = None) -> str:
+    """Hash of what decides the ids: the backend definition (fast tokenizers; else class and vocabulary), EOS id."""
+    if definition is None and (plain := _plain_backend(tokenizer)) is not None:
+        definition = plain.to_str()
+    if definition is None:  # a Python tokenizer: its class is part of what it does
         definition = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = f"{tokenizer.eos_token_id}:{getattr(tokenizer, 'split_special_tokens', False)}"
     return hashlib.sha256(definition.encode() + extra.encode()).hexdigest()

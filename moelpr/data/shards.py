@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -193,7 +194,13 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
-            total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare", disable=not enabled
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="prepare",
+            disable=not enabled,
+            mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
         )
         self.seen: dict[str, tuple[int, int, int]] = {}
         self.docs = self.tokens = 0

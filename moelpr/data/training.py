@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def training_dataset(
         cutoff_len=cutoff_len,
         num_proc=max(1, num_proc // world),
         on_bad_record=on_bad_record,
-        progress=rank == 0,
+        progress=rank == 0 and sys.stderr.isatty(),
         rank=rank,
         world=world,
     )

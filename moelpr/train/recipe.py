@@ -2,7 +2,8 @@
 
 A recipe holds the moelpr knobs below plus any `transformers.TrainingArguments` field under its own name
 (`learning_rate`, `per_device_train_batch_size`, `output_dir`, ...); those are collected into
-`Recipe.training_args`. Command-line overrides (`--key value`) win over the file.
+`Recipe.training_args`. Command-line overrides (`--key value`) win over the file; `--prepared DIR` replaces the
+file's `corpora:` (and `--corpora` its `prepared:`).
 """
 
 from __future__ import annotations
@@ -370,7 +371,11 @@ def load_recipe(
             raise UserError(f"cannot parse recipe {path}{where}; fix the YAML") from None
         if not isinstance(raw, dict):
             raise UserError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
-    raw.update(overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or [])))
+    given = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+    for key, other in (("prepared", "corpora"), ("corpora", "prepared")):
+        if given.get(key) not in (None, "") and other not in given:
+            raw.pop(other, None)  # the data named on the command line replaces the file's
+    raw.update(given)
 
     own, ta_fields = recipe_keys()
     kwargs: dict[str, Any] = {"training_args": {}}

@@ -223,3 +223,68 @@ def test_the_training_tokenizer_and_cutoff_must_match(tokenizer, corpora, tmp_pa
         PreparedDataset(tmp_path)
     with pytest.raises(UserError, match=r"holds no corpus 'zh'; it holds: en, el, bn"):
         PreparedDataset(root, corpora=["zh"])
+
+
+def test_processes_of_a_launch_prepare_disjoint_shards_and_wait_for_each_other(
+    tokenizer, corpora, tmp_path, monkeypatch
+):
+    """As the ranks of a torchrun launch (here two threads): each writes its share, each returns the whole."""
+    import threading
+
+    writers: dict[str, list[str]] = {}
+    real_call = ShardWriter.__call__
+
+    def record(self, shard, report=None):
+        writers.setdefault(threading.current_thread().name, []).append(shard.name)
+        time.sleep(0.01)
+        return real_call(self, shard, report)
+
+    monkeypatch.setattr(ShardWriter, "__call__", record)
+    kwargs = dict(cutoff_len=8, shard_bytes=300, progress=False, world=2)
+    other = threading.Thread(
+        target=prepare, args=(corpora, tokenizer, tmp_path / "out"), kwargs={**kwargs, "rank": 1}, name="rank1"
+    )
+    other.start()
+    root = prepare(corpora, tokenizer, tmp_path / "out", **kwargs, rank=0)
+    other.join(timeout=60)
+    assert not other.is_alive()
+    names = [s.name for s in prep.plan(corpora, 300)]
+    assert sorted(writers["MainThread"] + writers["rank1"]) == sorted(names)
+    assert writers["MainThread"] == names[0::2] and writers["rank1"] == names[1::2]
+    assert read_manifest(root) == read_manifest(
+        prepare(corpora, tokenizer, tmp_path / "alone", cutoff_len=8, shard_bytes=300, progress=False)
+    )
+
+
+def test_encoder_gives_the_tokenizers_ids(tmp_path):
+    """The backend's batch encoding (what workers run) = `tokenizer(texts)`, special tokens in the text included."""
+    import pickle
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from train_helpers import build_dense, sentences
+    from transformers import AutoTokenizer
+
+    from moelpr.data.encode import Encoder
+
+    tok = AutoTokenizer.from_pretrained(build_dense(tmp_path))
+    texts = sentences("el", 20) + ["mixed </s> text <pad> ünïcode", "  spaces\n\nnewlines  "]
+    expected = [t for ids in tok(texts, add_special_tokens=False)["input_ids"] for t in ids + [tok.eos_token_id]]
+    for encoder in (Encoder(tok), pickle.loads(pickle.dumps(Encoder(tok)))):  # in this process, and in a worker
+        flat, lengths = encoder.encode(texts)
+        assert flat.tolist() == expected and lengths.sum() == len(expected)
+
+
+def test_validation_datasets_per_language(tokenizer, corpora, tmp_path):
+    from moelpr.data import validation_datasets
+
+    weighted = [Corpus(**{**c.__dict__, "weight": w}) for c, w in zip(corpora, (1, 5, 1))]
+    raw = validation_datasets(weighted, tokenizer, cutoff_len=8, cache_dir=tmp_path / "cache")
+    root = prepare(weighted, tokenizer, tmp_path / "out", cutoff_len=8, progress=False)
+    blocks = {e["name"]: e["blocks"] for e in read_manifest(root)["corpora"]}
+    for by_language in (raw, validation_datasets(root, tokenizer, cutoff_len=8)):
+        assert list(by_language) == ["en", "el", "bn"]
+        for lang, ds in by_language.items():
+            assert len(ds) == blocks[lang]  # every block once: the weights are for training
+            assert {ds[i]["language"] for i in range(len(ds))} == {lang}
+    with pytest.raises(UserError, match=r"holds blocks of 8 tokens but cutoff_len is 4"):
+        validation_datasets(root, tokenizer, cutoff_len=4)
