@@ -20,6 +20,7 @@ vocabulary. Measured in the same run, each prepare in a fresh process:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -48,10 +49,10 @@ CUTOFF = 1024
 def _sentences(alphabet: str, rng: random.Random, n: int = 30_000) -> list[str]:
     """A language: 40,000 words drawn with Zipf frequencies into `n` sentences."""
     words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 11))) for _ in range(40_000)]
-    weights = [1 / (r + 1) for r in range(len(words))]
+    cumulative = list(itertools.accumulate(1 / (r + 1) for r in range(len(words))))
     out = []
     for _ in range(n):
-        text = " ".join(rng.choices(words, weights, k=rng.randint(4, 25)))
+        text = " ".join(rng.choices(words, cum_weights=cumulative, k=rng.randint(4, 25)))
         out.append(text[0].upper() + text[1:] + ".")
     return out
 
@@ -221,6 +222,13 @@ def time_to_step1(model: Path, data: Path, out: Path) -> float:
     return json.loads(lines[0])["seconds_to_step1"]
 
 
+_T0 = time.perf_counter()
+
+
+def _say(what: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
         return _run(sys.argv[2:])
@@ -242,23 +250,27 @@ def main() -> None:
         if not (root / "corpora.yaml").is_file():
             make_corpus(root, mb)
         specs.append(root / "corpora.yaml")
+    _say("corpora made")
     model = work / "model"
     if not (model / "tokenizer.json").is_file():
         make_model(specs[0].parent, model, args.tokenizer_mb or min(64, sizes[0]), args.vocab)
     results["vocab_size"] = len(json.loads((model / "tokenizer.json").read_text())["model"]["vocab"])
 
+    _say("tokenizer and model made")
     results["bare"] = bare_tokenizer(specs[0].parent, model)
+    _say("bare tokenizer measured")
     runs = {}
     for name, spec, procs in (("small_1proc", specs[0], 1), ("small_2proc", specs[0], 2), ("large_2proc", specs[1], 2)):
         out = work / f"prepared-{name}"
         if out.exists():
             shutil.rmtree(out)
         runs[name] = prepare(spec, model, out, procs, shard_mb)
+        _say(f"prepare {name}: {runs[name]['seconds']:.1f} s inside the process")
     results["prepare"] = runs
-    results["step1_seconds"] = {
-        size: time_to_step1(model, work / f"prepared-{name}", work / f"train-{size}")
-        for size, name in (("small", "small_2proc"), ("large", "large_2proc"))
-    }
+    results["step1_seconds"] = {}
+    for size, name in (("small", "small_2proc"), ("large", "large_2proc")):
+        results["step1_seconds"][size] = time_to_step1(model, work / f"prepared-{name}", work / f"train-{size}")
+        _say(f"train from the {size} dataset")
     bare, one, two, large = results["bare"], runs["small_1proc"], runs["small_2proc"], runs["large_2proc"]
     lines = [
         f"corpora: {sizes[0]} and {sizes[1]} MiB of text ({one['tokens']:,} and {large['tokens']:,} tokens, "

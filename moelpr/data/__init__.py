@@ -6,7 +6,7 @@
 from moelpr.data.collate import BlockCollator, collate_blocks
 from moelpr.data.corpus import Corpus, iter_documents, load_corpora
 from moelpr.data.prepared import PreparedDataset, prepared_corpora, read_manifest
-from moelpr.data.training import default_cache_dir, is_prepared, training_dataset, validation_datasets
+from moelpr.data.training import default_cache_dir, training_dataset, validation_datasets
 
 __all__ = [
     "BlockCollator",
@@ -14,7 +14,6 @@ __all__ = [
     "PreparedDataset",
     "collate_blocks",
     "default_cache_dir",
-    "is_prepared",
     "iter_documents",
     "load_corpora",
     "prepared_corpora",

@@ -126,10 +126,6 @@ class PreparedDataset(torch.utils.data.Dataset):
         """Blocks each corpus gives one epoch."""
         return {e["name"]: n for e, n in zip(self.entries, self.mixture.counts)}
 
-    def locate(self, index: int) -> tuple[int, int]:
-        """(corpus position in `self.entries`, block within that corpus) of row `index`."""
-        return self.mixture.locate(index)
-
     def block(self, c: int, b: int) -> np.ndarray:
         """Token ids `(S,)` of block `b` of corpus `c`, checked against the vocabulary."""
         starts = self._starts[c]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moelpr.data.corpus import BadRecordPolicy, Corpus, check_mixing, load_corpora
-from moelpr.data.prepare import MANIFEST, prepare
+from moelpr.data.prepare import prepare
 from moelpr.data.prepared import PreparedDataset, prepared_corpora
 from moelpr.errors import UserError
 
@@ -146,8 +146,3 @@ def validation_datasets(
         )
         for lang in languages
     }
-
-
-def is_prepared(path: str | os.PathLike) -> bool:
-    """Whether `path` is a finished prepared dataset directory."""
-    return (Path(path) / MANIFEST).is_file()
