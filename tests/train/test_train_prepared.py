@@ -63,3 +63,16 @@ def test_recipe_data_keys(world, prepared, tmp_path):
     )
     with pytest.raises(UserError, match=r"holds blocks of 32 tokens but cutoff_len is 64"):
         train(recipe)
+
+
+def test_train_with_mismatched_prepared_data_exits_2(world, prepared, tmp_path, capsys):
+    dense, _ = world
+    out = tmp_path / "out"
+    args = overrides(model=str(dense), prepared=str(prepared), cutoff_len=64, output_dir=str(out), max_steps=1)
+    assert main(["train", str(TINY_RECIPES / "stage1.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds blocks of 32 tokens but cutoff_len is 64" in err[0], err
+    assert not (out / "config.json").exists()
+    args = overrides(model=str(dense), prepared=str(tmp_path), output_dir=str(out), max_steps=1)
+    assert main(["train", str(TINY_RECIPES / "stage1.yaml"), *args]) == 2
+    assert "is not a finished prepared dataset" in capsys.readouterr().err
