@@ -17,6 +17,7 @@ from moelpr.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "upcycle": ("upcycle", "upcycle a dense model into an MoE-LPR model"),
     "info": ("info", "show experts per layer, parameter counts and trainable sets of a model"),
+    "prepare": ("prepare", "tokenise and pack corpora once into a dataset that training memory-maps"),
     "train": ("train", "run a training recipe (MoE stage 1/2 or a baseline)"),
     "eval": ("eval", "per-language perplexity, bits per byte and routing statistics"),
     "benchmark": ("benchmark", "run lm-evaluation-harness task suites on a model (accuracy benchmarks)"),

@@ -8,6 +8,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# training from raw corpora prepares them into the datasets cache: keep the tests' out of the user's
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="moelpr-tests-datasets-"))
 # remote code loaded in tests (trust_remote_code) is cached here, not in the user's ~/.cache
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="moelpr-tests-hf-modules-"))
 

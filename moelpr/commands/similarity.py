@@ -56,7 +56,7 @@ def _nonempty_or_fail(lang: str, docs: Iterator[str]) -> Iterator[str]:
         skipped.append(doc)
         if doc:
             return itertools.chain(skipped, docs)
-    raise UserError(f"language {lang!r} has no text in its corpora; check their paths and text_field")
+    raise UserError(f"language {lang!r} has no text in its corpora; check their paths and text_column")
 
 
 def run(args: argparse.Namespace) -> int:

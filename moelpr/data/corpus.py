@@ -1,36 +1,42 @@
-"""Corpora: which files hold which language's documents, and reading those documents in a fixed order.
+"""Corpora: which files hold which language's documents, its role, and its share of the training mixture.
 
 A corpora spec is a YAML file (a list of entries, or `{corpora: [...]}`), an inline list of dicts, or the
 official MoE-LPR / LLaMA-Factory `dataset_info.json`. Each entry has `name`, `path` (a file, a directory, a
 glob, or a list of them), `language`, `role` ("old" = an original language, gets the LPR loss; "new" = an
-added one) and optionally `text_field`, `group` and `max_docs`.
+added one) and optionally `text_column` (old name: `text_field`), `group`, `max_docs`, and one of `weight`,
+`tokens` or `epochs` (its share of the mixture, see `moelpr.data.mix`).
 
-Supported files: `.jsonl`; `.json` (one JSON array of objects, or JSON lines); `.parquet`; `.txt`, read as
-one document per non-blank line (like LLaMA-Factory's "text" loader); all but parquet may be gzipped (`.gz`).
+Sources: `.jsonl`; `.json` (a JSON array of objects, or JSON lines); `.parquet`; `.arrow` (a `datasets` Arrow
+file); `.csv`; `.txt` (one document per non-blank line, like LLaMA-Factory's "text" loader); each but parquet
+and arrow optionally compressed (`.gz`, `.zst`, `.bz2`, `.xz`); and `Dataset.save_to_disk` folders. Reading
+is in `moelpr.data.read`.
 """
 
 from __future__ import annotations
 
 import difflib
 import glob
-import gzip
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 from moelpr.errors import UserError
 
 ROLES = ("old", "new")
 BAD_RECORD_POLICIES = ("error", "skip")
 BadRecordPolicy = Literal["error", "skip"]
-FORMATS = (".jsonl", ".json", ".parquet", ".txt")
+FORMATS = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".txt")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}  # suffix -> fsspec codec
+SAVE_TO_DISK = "save_to_disk"  # the format of a `Dataset.save_to_disk` folder
 MAX_GROUP = 127  # lang_group is stored as int8
+MIX_KEYS = ("weight", "tokens", "epochs")
+_SEEKABLE = (".parquet", ".arrow")  # read by offset: never compressed
 _GLOB_CHARS = re.compile(r"[*?[]")
 
-_ENTRY_KEYS = ("name", "path", "paths", "text_field", "language", "role", "group", "max_docs")
+_ENTRY_KEYS = ("name", "path", "paths", "text_column", "text_field", "language", "role", "group", "max_docs", *MIX_KEYS)
 _REQUIRED = ("name", "path", "language", "role")
 # dataset_info.json keys: the ones read, the ones meaningless for local pretraining text, the unsupported ones
 _INFO_READ = ("file_name", "columns", "language", "group_tag")
@@ -44,21 +50,28 @@ class Corpus:
 
     Attributes:
         name: unique name (used in logs, stats and the cache key).
-        paths: data files, read in this order (globs and directories are expanded by `load_corpora`).
+        paths: data files or `save_to_disk` folders, read in this order (`load_corpora` expands globs and
+            directories).
         language: language code, e.g. "en" or "el".
         role: "old" (an original language: its tokens get `lang_mask` = 1) or "new".
-        text_field: record field (JSON) or column (parquet) holding the text; unused for .txt.
+        text_column: record field (JSON) or column (parquet, arrow, csv) holding the text; unused for .txt.
         group: `lang_group` of its tokens: 0 for old; ≥ 1 for new (default 1; 2, 3 … for lifelong steps).
         max_docs: keep only the first `max_docs` documents (like the official `--max_samples`).
+        weight: share of the mixture's tokens, normalised over the corpora (all corpora or none set it).
+        tokens: token budget in the mixture (repeats or subsamples the corpus' blocks).
+        epochs: passes over the corpus in the mixture (0.5 = half of its blocks, 2 = each block twice).
     """
 
     name: str
     paths: list[str]
     language: str
     role: Literal["old", "new"]
-    text_field: str = "text"
+    text_column: str = "text"
     group: int | None = None
     max_docs: int | None = None
+    weight: float | None = None
+    tokens: int | None = None
+    epochs: float | None = None
 
     def __post_init__(self) -> None:
         where = f"corpus {self.name!r}"
@@ -69,19 +82,18 @@ class Corpus:
         if not self.paths:
             raise UserError(f"{where}: no data files given; set path: to a file, directory or glob")
         self.paths = [os.fspath(p) for p in self.paths]
-        for path in self.paths:
-            file_format(path)
         if isinstance(self.language, bool):  # YAML 1.1 reads `no` (Norwegian) as false
             raise UserError(f"{where}: language is the YAML boolean {self.language}; quote it, e.g. language: 'no'")
         if not isinstance(self.language, str) or not self.language:
             raise UserError(f"{where}: language must be a language code string such as 'en', got {self.language!r}")
         if self.role not in ROLES:
             raise UserError(f"{where}: unknown role {self.role!r}; valid roles: {', '.join(ROLES)}")
-        if not isinstance(self.text_field, str) or not self.text_field:
-            raise UserError(f"{where}: text_field must be a non-empty string, got {self.text_field!r}")
+        if not isinstance(self.text_column, str) or not self.text_column:
+            raise UserError(f"{where}: text_column must be a non-empty string, got {self.text_column!r}")
         self._check_group(where)
         if self.max_docs is not None and (not _is_int(self.max_docs) or self.max_docs < 1):
             raise UserError(f"{where}: max_docs must be a positive integer or null, got {self.max_docs!r}")
+        self._check_mix(where)
 
     def _check_group(self, where: str) -> None:
         if self.group is None:
@@ -93,21 +105,96 @@ class Corpus:
         if self.role == "new" and not 1 <= self.group <= MAX_GROUP:
             raise UserError(f"{where}: a new-language corpus needs 1 <= group <= {MAX_GROUP}, got {self.group}")
 
+    def _check_mix(self, where: str) -> None:
+        given = [key for key in MIX_KEYS if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise UserError(f"{where}: give one of weight, tokens or epochs, not {' and '.join(given)}")
+        for key in ("weight", "epochs"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise UserError(f"{where}: {key} must be a number > 0, got {value!r}")
+        if self.tokens is not None and (not _is_int(self.tokens) or self.tokens < 1):
+            raise UserError(f"{where}: tokens must be a positive integer (a token budget), got {self.tokens!r}")
+
+    @property
+    def mix(self) -> dict[str, float]:
+        """The mixing setting given (`{"weight": 3}`, `{"tokens": 10**9}`, ...), empty when none."""
+        return {key: getattr(self, key) for key in MIX_KEYS if getattr(self, key) is not None}
+
+
+def iter_documents(
+    corpus: Corpus, *, on_bad_record: BadRecordPolicy = "error", stats: dict[str, int] | None = None
+) -> Iterator[str]:
+    """Yield the corpus' document texts in file order, empty ones left out, stopping at `max_docs`.
+
+    Args:
+        corpus: the corpus to read.
+        on_bad_record: "error" raises `UserError` (file and line) on a malformed record; "skip" counts it in
+            `stats["skipped"]` and goes on.
+        stats: if given, `stats["docs"]` and `stats["skipped"]` are kept up to date while reading.
+    """
+    from moelpr.data.read import Piece, read_piece  # reading lives there; it imports this module
+
+    stats = {} if stats is None else stats
+    stats.setdefault("docs", 0)
+    stats.setdefault("skipped", 0)
+    docs = skipped = 0
+    for path in corpus.paths:
+        seen: dict[str, int] = {}
+        for text in read_piece(Piece(path), corpus.text_column, on_bad_record=on_bad_record, stats=seen):
+            docs += 1
+            stats["docs"] += 1
+            yield text
+            if corpus.max_docs is not None and docs >= corpus.max_docs:
+                stats["skipped"] += seen["skipped"]
+                return
+        skipped += seen.get("skipped", 0)
+        stats["skipped"] += seen.get("skipped", 0)
+    if docs == 0:
+        raise no_documents(corpus, skipped)
+
+
+def no_documents(corpus: Corpus, skipped: int) -> UserError:
+    shown = ", ".join(corpus.paths[:3]) + (f" (+{len(corpus.paths) - 3} more)" if len(corpus.paths) > 3 else "")
+    note = f" ({skipped} bad records skipped)" if skipped else ""
+    return UserError(f"corpus {corpus.name!r} has no documents in {shown}{note}; check the files and text_column")
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def file_format(path: str | os.PathLike) -> tuple[str, bool]:
-    """The format (one of `FORMATS`) and whether it is gzipped, from the file name; `UserError` if unsupported."""
+def file_format(path: str | os.PathLike) -> tuple[str, str | None]:
+    """(format, compression codec or None) of a source; `UserError` if unsupported.
+
+    The format comes from the file name (one of `FORMATS`), or is `SAVE_TO_DISK` for a folder written by
+    `Dataset.save_to_disk`.
+    """
+    if os.path.isdir(path):
+        _check_save_to_disk(Path(path))
+        return SAVE_TO_DISK, None
     name = os.fspath(path).lower()
-    gz = name.endswith(".gz")
-    stem = name[:-3] if gz else name
+    suffix = os.path.splitext(name)[1]
+    codec = COMPRESSIONS.get(suffix)
+    stem = name[: -len(suffix)] if codec else name
     for ext in FORMATS:
-        if stem.endswith(ext) and not (gz and ext == ".parquet"):
-            return ext, gz
-    supported = ", ".join(FORMATS) + " (each but .parquet optionally .gz)"
-    raise UserError(f"unsupported data file {os.fspath(path)!r}; supported: {supported}")
+        if stem.endswith(ext) and not (codec and ext in _SEEKABLE):
+            return ext, codec
+    supported = ", ".join(FORMATS) + f" (all but {'/'.join(_SEEKABLE)} optionally {'/'.join(COMPRESSIONS)})"
+    raise UserError(f"unsupported data file {os.fspath(path)!r}; supported: {supported} and save_to_disk folders")
+
+
+def _check_save_to_disk(path: Path) -> None:
+    """`UserError` unless `path` is a `Dataset.save_to_disk` folder (a `DatasetDict` one names its splits)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        example = path / (splits[0] if splits else "train")
+        raise UserError(
+            f"{path} is a DatasetDict folder (splits: {', '.join(splits) or 'none'}); point path to one split, "
+            f"e.g. {example}"
+        )
+    if not (path / "state.json").is_file():
+        raise UserError(f"{path} is a folder but not a Dataset.save_to_disk folder (no state.json)")
 
 
 # ---------------------------------------------------------------------------------------------------- specs
@@ -139,6 +226,7 @@ def load_corpora(
     for i, entry in enumerate(entries):
         corpora.append(_corpus_from_entry(entry, f"{source} entry {i}", base))
     check_unique_names(corpora)
+    check_mixing(corpora)
     return corpora
 
 
@@ -149,6 +237,13 @@ def check_unique_names(corpora: list[Corpus]) -> None:
         if corpus.name in seen:
             raise UserError(f"duplicate corpus name {corpus.name!r}; give every corpus a unique name")
         seen.add(corpus.name)
+
+
+def check_mixing(corpora: list[Corpus]) -> None:
+    """`UserError` unless weights are given to every corpus or to none (`moelpr.data.mix.check_weights`)."""
+    from moelpr.data.mix import check_weights
+
+    check_weights([c.name for c in corpora], [c.mix for c in corpora])
 
 
 def _read_spec_file(path: Path) -> Any:
@@ -200,7 +295,7 @@ def _entry_from_dataset_info(name: str, info: dict[str, Any], source: str) -> di
         "path": info["file_name"],
         "language": name,
         "role": role,
-        "text_field": columns.get("prompt", "text"),
+        "text_column": columns.get("prompt", "text"),
     }
     if "group_tag" in info:
         entry["group"] = _parse_group_tag(info["group_tag"], where)
@@ -227,11 +322,14 @@ def _corpus_from_entry(entry: Any, where: str, base: Path) -> Corpus:
     for key in entry:
         if key not in _ENTRY_KEYS:
             raise UserError(f"{where}: unknown key {key!r}{_did_you_mean(key, _ENTRY_KEYS)}")
-    if "path" in entry and "paths" in entry:
-        raise UserError(f"{where}: give either path or paths, not both")
+    for new, old in (("path", "paths"), ("text_column", "text_field")):
+        if new in entry and old in entry:
+            raise UserError(f"{where}: give either {new} or {old}, not both")
     fields = dict(entry)
     if "paths" in fields:
         fields["path"] = fields.pop("paths")
+    if "text_field" in fields:  # the old name
+        fields["text_column"] = fields.pop("text_field")
     for key in _REQUIRED:
         if fields.get(key) is None:
             raise UserError(f"{where}: missing {key!r}{_REQUIRED_HINT[key]}")
@@ -258,9 +356,11 @@ def resolve_paths(raw: Any, base: Path, where: str) -> list[str]:
         path = Path(os.path.abspath(os.path.join(base, given)))  # abspath collapses ".."; join keeps absolute paths
         if _GLOB_CHARS.search(given):
             pattern = given if os.path.isabs(given) else os.path.join(glob.escape(os.path.abspath(base)), given)
-            matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+            matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if _is_source(Path(p))]
             if not matches:
                 raise UserError(f"{where}: path {os.fspath(item)!r} matches no file (looked in {path.parent})")
+        elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            matches = [path]  # a save_to_disk folder (file_format checks it is one Dataset)
         elif path.is_dir():
             matches = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _supported(p))
             if not matches:
@@ -278,142 +378,14 @@ def resolve_paths(raw: Any, base: Path, where: str) -> list[str]:
     return list(files)
 
 
+def _is_source(path: Path) -> bool:
+    """A file, or a save_to_disk folder (what a glob may match)."""
+    return path.is_file() or (path / "state.json").is_file()
+
+
 def _supported(path: Path) -> bool:
     try:
         file_format(path)
     except UserError:
         return False
     return True
-
-
-# -------------------------------------------------------------------------------------------------- reading
-
-
-def iter_documents(
-    corpus: Corpus, *, on_bad_record: BadRecordPolicy = "error", stats: dict[str, int] | None = None
-) -> Iterator[str]:
-    """Yield the corpus' document texts in file order, empty ones left out, stopping at `max_docs`.
-
-    Args:
-        corpus: the corpus to read.
-        on_bad_record: "error" raises `UserError` (file and line) on a malformed record; "skip" counts it in
-            `stats["skipped"]` and goes on.
-        stats: if given, `stats["docs"]` and `stats["skipped"]` are kept up to date while reading.
-    """
-    if on_bad_record not in BAD_RECORD_POLICIES:
-        raise UserError(f"unknown on_bad_record {on_bad_record!r}; valid: {', '.join(BAD_RECORD_POLICIES)}")
-    stats = {} if stats is None else stats
-    stats.setdefault("docs", 0)
-    stats.setdefault("skipped", 0)
-    docs = skipped = 0
-    for path in corpus.paths:
-        for location, text, problem in _read_file(path, corpus.text_field):
-            if problem is not None:
-                if on_bad_record == "error":
-                    raise UserError(f"corpus {corpus.name!r}: {location}: {problem}")
-                skipped += 1
-                stats["skipped"] += 1
-                continue
-            if not text:
-                continue
-            docs += 1
-            stats["docs"] += 1
-            yield text
-            if corpus.max_docs is not None and docs >= corpus.max_docs:
-                return
-    if docs == 0:
-        shown = ", ".join(corpus.paths[:3]) + (f" (+{len(corpus.paths) - 3} more)" if len(corpus.paths) > 3 else "")
-        note = f" ({skipped} bad records skipped)" if skipped else ""
-        raise UserError(f"corpus {corpus.name!r} has no documents in {shown}{note}; check the files and text_field")
-
-
-Record = tuple[str, str, str | None]  # (location, text, problem): problem is None for a good record
-_FIX = "fix the record or pass on_bad_record=skip"
-
-
-def _read_file(path: str, text_field: str) -> Iterator[Record]:
-    """Records of one file; file-level failures (unreadable, not UTF-8, broken gzip) become `UserError`."""
-    fmt, gz = file_format(path)
-    try:
-        if fmt == ".parquet":
-            yield from _read_parquet(path, text_field)
-            return
-        with gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig") as f:
-            if fmt == ".txt":
-                for lineno, line in enumerate(f, 1):
-                    yield f"{path}:{lineno}", line.rstrip("\r\n") if line.strip() else "", None
-            elif fmt == ".json" and _starts_with(f, "["):
-                yield from _read_json_array(f, path, text_field)
-            else:
-                yield from _read_json_lines(f, path, text_field)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 ({e.reason}); convert the file to UTF-8") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read the file ({e})") from None
-
-
-def _starts_with(f: IO[str], char: str) -> bool:
-    """Whether the first non-whitespace character is `char`; rewinds the file."""
-    while (c := f.read(1)) and c.isspace():
-        pass
-    f.seek(0)
-    return c == char
-
-
-def _text_of(record: Any, text_field: str) -> tuple[str, str | None]:
-    """(text, problem) for one parsed record."""
-    if not isinstance(record, dict):
-        return "", f"expected a JSON object, got {type(record).__name__}; {_FIX}"
-    if text_field not in record:
-        keys = ", ".join(map(str, list(record)[:8])) or "none"
-        return "", f"record has no field {text_field!r} (fields: {keys}); set text_field: to the field holding the text"
-    text = record[text_field]
-    if not isinstance(text, str):
-        return "", f"field {text_field!r} is {'null' if text is None else type(text).__name__}, not a string; {_FIX}"
-    return text, None
-
-
-def _read_json_lines(f: IO[str], path: str, text_field: str) -> Iterator[Record]:
-    for lineno, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{lineno}", "", f"malformed JSON ({e.msg} at column {e.colno}); {_FIX}"
-            continue
-        text, problem = _text_of(record, text_field)
-        yield f"{path}:{lineno}", text, problem
-
-
-def _read_json_array(f: IO[str], path: str, text_field: str) -> Iterator[Record]:
-    try:
-        records = json.load(f)  # a JSON array is read whole; use .jsonl for very large files
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); fix the file") from None
-    for i, record in enumerate(records):
-        text, problem = _text_of(record, text_field)
-        yield f"{path}: record {i}", text, problem
-
-
-def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except pa.ArrowException as e:
-        raise UserError(f"{path}: cannot read parquet ({e})") from None
-    schema = pf.schema_arrow
-    if text_field not in schema.names:
-        cols = ", ".join(schema.names[:8])
-        raise UserError(f"{path}: no column {text_field!r} (columns: {cols}); set text_field: to the text column")
-    kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise UserError(f"{path}: column {text_field!r} is {kind}, not string; set text_field: to the text column")
-    row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            problem = None if text is not None else f"field {text_field!r} is null; {_FIX}"
-            yield f"{path}: row {row}", text or "", problem
-            row += 1

@@ -74,7 +74,7 @@ def build_pretraining_mix(corpora: list[Corpus], out_dir: Path, *, new_share: fl
     per_new = int(new_share * old_bytes / (1 - new_share) / max(1, len(new)))  # bytes per new language
     stats: dict[str, Any] = {"new_share_target": new_share, "old_bytes": old_bytes, "per_language": {}}
     base_entries = [
-        {"name": c.name, "path": c.paths, "language": lang, "role": "old", "text_field": c.text_field}
+        {"name": c.name, "path": c.paths, "language": lang, "role": "old", "text_column": c.text_column}
         for lang in old
         for c in by_lang[lang]
     ]
@@ -175,7 +175,7 @@ def build_mixes(
     base_tokens = {}
     for c in base:
         files["base"].append(
-            {"name": c.name, "path": c.paths, "language": c.language, "role": c.role, "text_field": c.text_field}
+            {"name": c.name, "path": c.paths, "language": c.language, "role": c.role, "text_column": c.text_column}
         )
         count = sum(len(ids) + 1 for ids in tokenizer(list(iter_documents(c)), add_special_tokens=False)["input_ids"])
         base_tokens[c.language] = base_tokens.get(c.language, 0) + count

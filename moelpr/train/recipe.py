@@ -2,7 +2,8 @@
 
 A recipe holds the moelpr knobs below plus any `transformers.TrainingArguments` field under its own name
 (`learning_rate`, `per_device_train_batch_size`, `output_dir`, ...); those are collected into
-`Recipe.training_args`. Command-line overrides (`--key value`) win over the file.
+`Recipe.training_args`. Command-line overrides (`--key value`) win over the file; `--prepared DIR` replaces the
+file's `corpora:` (and `--corpora` its `prepared:`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from moelpr.errors import UserError
 from moelpr.model.options import DEFAULTS, check_positive_int, check_settings
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # YAML 1.1 reads 3e-4 (no dot) as a string
-_PATH_KEYS = ("model", "corpora", "output_dir", "cache_dir", "num_experts", "similarity", "resume_from_checkpoint")
+_PATH_KEYS = (
+    "model",
+    "corpora",
+    "prepared",
+    "output_dir",
+    "cache_dir",
+    "num_experts",
+    "similarity",
+    "resume_from_checkpoint",
+)
 DEFAULT_CLASSIFIER_TOP_K = 7  # LayerMoE's Qwen scripts: classifiers in 7 of 24 layers
 METHODS = ("moe", "moe_one_stage", "full", "lora", "llama_pro", "loramoe")
 SAVE_FORMATS = ("delta", "full")
@@ -41,8 +51,13 @@ class Recipe:
 
     model: str
     """Dense model directory (stage 1 and baselines), or a stage-1 output directory (stage 2)."""
-    corpora: Any
-    """Corpora spec: a YAML / dataset_info.json path, or an inline list of corpus entries (see moelpr.data)."""
+    corpora: Any = None
+    """Corpora spec: a YAML / dataset_info.json path, or an inline list of corpus entries (see moelpr.data);
+    prepared into `cache_dir` before training (or give `prepared`)."""
+    prepared: str | None = None
+    """A dataset directory made by `moe-lpr prepare` (instead of `corpora`): memory-mapped, nothing tokenised."""
+    weights: dict[str, float] | None = None
+    """Corpus name → weight (its share of the training tokens), replacing the corpora's weight / tokens / epochs."""
     method: str = "moe"
     """"moe" (MoE-LPR, stage 1 or 2), "moe_one_stage" (the paper's "MoE": upcycled, every parameter trained in one
     stage on all corpora), or a baseline on the dense model: "full", "lora", "llama_pro", "loramoe"."""
@@ -108,11 +123,12 @@ class Recipe:
     on_bad_record: str = "error"
     """Malformed corpus records: "error" (stop, naming file and line) or "skip"."""
     cache_dir: str | None = None
-    """Cache of packed datasets (keyed by tokenizer, files and settings); none by default."""
+    """Where raw `corpora` are prepared (keyed by tokenizer, files and settings; default: a `moelpr` folder in
+    the datasets cache)."""
     num_proc: int = 1
-    """Tokenisation processes."""
+    """Tokenisation processes (shared by the processes of a multi-process launch)."""
     streaming: bool = False
-    """Read, tokenise and pack on the fly (needs `max_steps`)."""
+    """Read, tokenise and pack raw corpora on the fly, mixed by weight (needs `max_steps`)."""
     lora_rank: int = 8
     """LoRA baseline: rank."""
     lora_alpha: int = 16
@@ -172,6 +188,35 @@ class Recipe:
             raise UserError("the recipe needs output_dir: the directory the trained model is written to")
         if self.streaming and int(self.training_args.get("max_steps", -1) or -1) <= 0:
             raise UserError("streaming: true needs max_steps (a streamed dataset has no length)")
+        self._check_data()
+
+    def _check_data(self) -> None:
+        """`corpora` or `prepared`, and what goes with each."""
+        if (self.corpora in (None, "")) == (self.prepared in (None, "")):
+            raise UserError(
+                "the recipe needs corpora: (a corpora spec) or prepared: (a directory from `moe-lpr prepare`)"
+                + (", not both" if self.prepared else "")
+            )
+        if self.prepared is not None:
+            if not isinstance(self.prepared, (str, os.PathLike)):
+                raise UserError(f"prepared must be a directory made by `moe-lpr prepare`, got {self.prepared!r}")
+            if self.streaming:
+                raise UserError("prepared data is memory-mapped, not streamed; drop streaming: true")
+            if self.max_docs is not None:
+                raise UserError(
+                    "max_docs applies when corpora are prepared; set max_docs on the corpora given to `moe-lpr prepare`"
+                )
+        if self.weights is not None and (
+            not isinstance(self.weights, dict)
+            or not self.weights
+            or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for k, v in self.weights.items()
+            )
+        ):
+            raise UserError(
+                f"weights must map corpus names to numbers > 0, e.g. {{el: 1, hu: 1, tr: 2}}; got {self.weights!r}"
+            )
 
     def _check_layermoe(self) -> None:
         """LayerMoE keys: lifelong expansion (stage 1) and classifiers (stage 2)."""
@@ -355,10 +400,14 @@ def load_recipe(
             raise UserError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
     own, ta_fields = recipe_keys()
     if isinstance(overrides, dict):
-        raw.update(overrides)
+        given = dict(overrides)
     else:
         types = {**ta_fields, **own}
-        raw.update({k: _typed(v, types.get(k, "Any")) for k, v in parse_overrides(list(overrides or [])).items()})
+        given = {k: _typed(v, types.get(k, "Any")) for k, v in parse_overrides(list(overrides or [])).items()}
+    for key, other in (("prepared", "corpora"), ("corpora", "prepared")):
+        if given.get(key) not in (None, "") and other not in given:
+            raw.pop(other, None)  # the data named on the command line replaces the file's
+    raw.update(given)
     kwargs: dict[str, Any] = {"training_args": {}}
     for key, value in raw.items():
         if isinstance(value, str) and key not in _PATH_KEYS and _FLOAT.match(value):
@@ -371,7 +420,6 @@ def load_recipe(
             close = difflib.get_close_matches(str(key), sorted({*own, *ta_fields}), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UserError(f"unknown recipe key {key!r}{hint}")
-    for key in ("model", "corpora"):
-        if kwargs.get(key) in (None, ""):
-            raise UserError(f"the recipe needs {key}: " + ("a model directory" if key == "model" else "a corpora spec"))
+    if kwargs.get("model") in (None, ""):
+        raise UserError("the recipe needs model: a model directory")
     return Recipe(**kwargs)

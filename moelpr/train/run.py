@@ -36,7 +36,7 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     import moelpr
-    from moelpr.data import BlockCollator, load_corpora, tokenize_and_pack
+    from moelpr.data import BlockCollator, load_corpora, prepared_corpora, training_dataset
     from moelpr.train.methods import method_of
     from moelpr.train.trainer import MoETrainer
 
@@ -44,9 +44,10 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     out_dir = recipe.output_dir
     resume = _resume_point(recipe, out_dir)
     tokenizer = _load_tokenizer(recipe.model, AutoTokenizer)
+    corpora = prepared_corpora(recipe.prepared) if recipe.prepared else load_corpora(recipe.corpora)
     set_seed(recipe.training_args.get("seed", TrainingArguments.seed))  # router (and LoRA / LLaMA-Pro) init is random
     method = method_of(recipe)
-    model, corpora = method.prepare(recipe, load_corpora(recipe.corpora))
+    model, corpora = method.prepare(recipe, corpora)
     if method.stage is not None:  # an MoE-LPR model
         model.config.completed_stage = method.stage - 1  # checkpoints taken during this run are unfinished
         model.set_moe_dispatch(recipe.moe_dispatch)
@@ -60,17 +61,19 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     if args.process_index == 0:
         print(moelpr.parameter_summary(model))
 
-    with args.main_process_first(desc="tokenize and pack"):
-        dataset = tokenize_and_pack(
-            corpora,
-            tokenizer,
-            cutoff_len=recipe.cutoff_len,
-            cache_dir=recipe.cache_dir,
-            num_proc=recipe.num_proc,
-            streaming=recipe.streaming,
-            on_bad_record=recipe.on_bad_record,
-            seed=args.seed if recipe.streaming else None,
-        )  # the Trainer shuffles map-style data
+    dataset = training_dataset(  # raw corpora: prepared on every process at once, no barrier
+        corpora,
+        tokenizer,
+        cutoff_len=recipe.cutoff_len,
+        prepared=recipe.prepared,
+        cache_dir=recipe.cache_dir,
+        streaming=recipe.streaming,
+        seed=args.seed,
+        num_proc=recipe.num_proc,
+        on_bad_record=recipe.on_bad_record,
+        weights=recipe.weights,
+        num_shards=max(1, args.dataloader_num_workers),
+    )  # the Trainer shuffles map-style data
 
     # ---- train ------------------------------------------------------------------------------------------
     trainer = MoETrainer(

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
 WORDS = "a b c d e f g h i j k l m n o p alpha beta gamma delta".split()
+
+
+@pytest.fixture(autouse=True)
+def _fail_instead_of_hanging():
+    """Data tests start tokenising processes and dataloader workers: one that hangs fails after 3 minutes."""
+
+    def timeout(signum, frame):
+        raise TimeoutError("the test ran for more than 180 s")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(180)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +39,14 @@ def tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
     return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    """The word-level tokenizer saved to a directory (what `moe-lpr prepare --tokenizer` reads)."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def write_jsonl(path: Path, texts: list, *, field: str = "text", gz: bool = False) -> Path:

@@ -42,14 +42,16 @@ def test_yaml_list_and_mapping_resolve_relative_to_spec_dir(tmp_path, jsonl):
         en, el = load_corpora(spec)
         assert en.paths == [str(tmp_path.resolve() / "data" / "en.jsonl")]
         assert (en.role, en.group, el.role, el.group) == ("old", 0, "new", 1)
-        assert (el.language, el.text_field, el.max_docs) == ("el", "text", None)
+        assert (el.language, el.text_column, el.max_docs) == ("el", "text", None)
 
 
 def test_inline_list_uses_base_dir(tmp_path, jsonl):
     jsonl(tmp_path / "en.jsonl", ["x"])
-    (corpus,) = load_corpora([_entry(group=0, max_docs=5, text_field="body")], base_dir=tmp_path)
+    (corpus,) = load_corpora([_entry(group=0, max_docs=5, text_field="body")], base_dir=tmp_path)  # the old name
     assert corpus.paths == [str(tmp_path / "en.jsonl")]
-    assert (corpus.max_docs, corpus.text_field) == (5, "body")
+    assert (corpus.max_docs, corpus.text_column) == (5, "body")
+    (corpus,) = load_corpora([_entry(text_column="body", weight=2)], base_dir=tmp_path)
+    assert (corpus.text_column, corpus.mix) == ("body", {"weight": 2})
 
 
 def test_paths_lists_globs_and_directories_expand_in_order(tmp_path, jsonl):
@@ -91,11 +93,16 @@ def test_missing_required_key(tmp_path, jsonl, key):
     [
         (_entry(role="original"), r"unknown role 'original'; valid roles: old, new"),
         (_entry(langauge="en"), r"unknown key 'langauge'; did you mean 'language'\?"),
-        (_entry(text_feild="body"), r"did you mean 'text_field'\?"),
+        (_entry(text_colum="body"), r"did you mean 'text_column'\?"),
+        (_entry(text_column="a", text_field="b"), r"either text_column or text_field"),
+        (_entry(weight=0), r"weight must be a number > 0"),
+        (_entry(tokens=1.5), r"tokens must be a positive integer"),
+        (_entry(weight=1, epochs=2), r"give one of weight, tokens or epochs, not weight and epochs"),
         (_entry("nothing/*.jsonl"), r"matches no file"),
         (_entry("missing.jsonl"), r"does not exist"),
-        (_entry("en.csv"), r"unsupported data file .*en\.csv.*supported: \.jsonl"),
+        (_entry("en.tsv"), r"unsupported data file .*en\.tsv.*supported: \.jsonl"),
         (_entry("en.parquet.gz"), r"unsupported data file"),
+        (_entry("plain_dir"), r"holds no \.jsonl/.*files"),
         (_entry(group=1), r"old-language corpus is group 0"),
         (_entry(role="new", group=0), r"needs 1 <= group <= 127"),
         (_entry(max_docs=0), r"max_docs must be a positive integer"),
@@ -107,7 +114,8 @@ def test_missing_required_key(tmp_path, jsonl, key):
 )
 def test_bad_entries(tmp_path, jsonl, entry, match):
     jsonl(tmp_path / "en.jsonl", ["x"])
-    (tmp_path / "en.csv").write_text("text\nx\n")
+    (tmp_path / "en.tsv").write_text("text\nx\n")
+    (tmp_path / "plain_dir").mkdir()
     (tmp_path / "en.parquet.gz").write_bytes(b"")
     with _raises(match) as e:
         load_corpora([entry], base_dir=tmp_path)
@@ -142,8 +150,8 @@ def test_dataset_info_json(tmp_path, jsonl):
     }
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     en, el, bn = load_corpora(tmp_path / "dataset_info.json")
-    assert (en.name, en.language, en.role, en.group, en.text_field) == ("en", "en", "old", 0, "content")
-    assert (el.language, el.role, el.group, el.text_field) == ("el", "new", 1, "text")
+    assert (en.name, en.language, en.role, en.group, en.text_column) == ("en", "en", "old", 0, "content")
+    assert (el.language, el.role, el.group, el.text_column) == ("el", "new", 1, "text")
     assert (bn.role, bn.group) == ("new", 2)
     assert en.paths == [str(tmp_path / "en.json")]
     assert list(iter_documents(en)) == ["x"]
@@ -196,7 +204,8 @@ def test_every_format_reads_the_same_documents(tmp_path, jsonl):
     files += [tmp_path / n for n in ("arr.json", "arr.json.gz", "t.txt", "t.txt.gz", "p.parquet")]
     for path in files:
         assert list(iter_documents(_corpus(path))) == docs, path
-    assert file_format(tmp_path / "X.JSONL.GZ") == (".jsonl", True)
+    assert file_format(tmp_path / "X.JSONL.GZ") == (".jsonl", "gzip")
+    assert file_format(tmp_path / "x.csv.zst") == (".csv", "zstd")
 
 
 def test_order_max_docs_empty_and_stats(tmp_path, jsonl):
@@ -224,7 +233,7 @@ def test_malformed_json_line_error_and_skip(tmp_path):
 
 def test_missing_or_non_string_text_field(tmp_path, jsonl):
     path = jsonl(tmp_path / "x.jsonl", [{"text": "ok"}, {"body": "b", "url": "u"}])
-    with _raises(r"x\.jsonl:2: record has no field 'text' \(fields: body, url\); set text_field:") as e:
+    with _raises(r"x\.jsonl:2: record has no field 'text' \(fields: body, url\); set text_column:") as e:
         list(iter_documents(_corpus(path)))
     _one_line(e)
     path = jsonl(tmp_path / "n.jsonl", [{"text": None}])
@@ -234,7 +243,7 @@ def test_missing_or_non_string_text_field(tmp_path, jsonl):
     arr.write_text(json.dumps([{"text": "a"}, {"txt": "b"}]))
     with _raises(r"arr\.json: record 1: record has no field 'text'"):
         list(iter_documents(_corpus(arr)))
-    assert list(iter_documents(_corpus(arr, text_field="txt"), on_bad_record="skip")) == ["b"]
+    assert list(iter_documents(_corpus(arr, text_column="txt"), on_bad_record="skip")) == ["b"]
 
 
 def test_parquet_errors(tmp_path):
@@ -242,10 +251,10 @@ def test_parquet_errors(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["x", None]}), tmp_path / "p.parquet")
-    with _raises(r"no column 'text' \(columns: body\); set text_field:"):
+    with _raises(r"no column 'text' \(columns: body\); set text_column:"):
         list(iter_documents(_corpus(tmp_path / "p.parquet")))
     with _raises(r"p\.parquet: row 1: field 'body' is null"):
-        list(iter_documents(_corpus(tmp_path / "p.parquet", text_field="body")))
+        list(iter_documents(_corpus(tmp_path / "p.parquet", text_column="body")))
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
     with _raises(r"column 'text' is int64, not string"):
         list(iter_documents(_corpus(tmp_path / "n.parquet")))
@@ -278,7 +287,7 @@ def test_file_level_errors(tmp_path, jsonl):
 
 def test_corpus_without_documents(tmp_path, jsonl):
     empty = jsonl(tmp_path / "empty.jsonl", ["", ""])
-    with _raises(r"corpus 'c' has no documents in .*empty\.jsonl; check the files and text_field") as e:
+    with _raises(r"corpus 'c' has no documents in .*empty\.jsonl; check the files and text_column") as e:
         list(iter_documents(_corpus(empty)))
     _one_line(e)
     bad = tmp_path / "bad.jsonl"
