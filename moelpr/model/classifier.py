@@ -29,10 +29,20 @@ class LanguageClassifier(nn.Module):
             self.linear.weight.copy_(weight)
         # A plain list, not a buffer: a non-persistent buffer is not in the checkpoint, and transformers 5 builds
         # models on the meta device, so after from_pretrained it would hold garbage.
-        self.limits: list[int] = list(expert_limits)
+        self.limits = expert_limits
         self.pooling = pooling
         self.forced: torch.Tensor | None = None  # (B,) groups decided on the prompt, reused while decoding
         self.decided: torch.Tensor | None = None  # (B,) the last per-sequence decision
+
+    @property
+    def limits(self) -> list[int]:
+        """Experts usable by each class (`expert_limits`)."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: list[int]) -> None:
+        self._limits = list(limits)
+        self._on_device: dict[torch.device, torch.Tensor] = {}  # copied to a device once, not every forward
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(B, S, H)` → expert limit per token `(B·S,)` and classifier logits (`(B, G)` or `(B·S, G)`)."""
@@ -45,7 +55,9 @@ class LanguageClassifier(nn.Module):
         else:
             logits = self.linear(hidden_states.reshape(-1, hidden)).float()  # (N, G)
             group = logits.argmax(dim=-1)  # (N,)
-        return torch.tensor(self.limits, device=group.device)[group], logits
+        if group.device not in self._on_device:
+            self._on_device[group.device] = torch.tensor(self._limits, device=group.device)
+        return self._on_device[group.device][group], logits
 
 
 def expert_limits(group_sizes: list[int], num_classes: int) -> list[int]:

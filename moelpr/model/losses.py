@@ -149,19 +149,19 @@ def causal_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 4096,
 ) -> torch.Tensor:
-    """Next-token cross-entropy from final hidden states, computed in chunks of `chunk_size` target tokens.
+    """Next-token cross-entropy from final hidden states, computed in chunks of `chunk_size` positions.
 
     Each chunk's logits are recomputed in the backward pass (activation checkpointing), so the full
     `(B·S, vocab)` float32 logits never exist at once. Same value as the standard shifted mean CE over
-    labels ≠ −100, or the summed CE divided by `num_items_in_batch` when the Trainer passes it.
+    labels ≠ −100, or the summed CE divided by `num_items_in_batch` when the Trainer passes it. Positions
+    without a target stay in their chunk (ignore_index) rather than being selected out: the chunks follow
+    from the shapes alone, so nothing is read back to the host.
     """
-    targets = labels[:, 1:].reshape(-1)  # (B·(S−1),)
-    keep = targets != -100
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # (M, H) only positions with a target
-    targets = targets[keep]  # (M,)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(S−1), H)
+    targets = labels[:, 1:].reshape(-1).to(h.device)  # (B·(S−1),), −100 = no target
 
     def chunk_ce(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits_fn(h_chunk).float(), t_chunk, reduction="sum")
+        return F.cross_entropy(logits_fn(h_chunk).float(), t_chunk, ignore_index=-100, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum()  # keeps the graph for empty batches
     for start in range(0, targets.shape[0], chunk_size):
@@ -171,7 +171,7 @@ def causal_lm_loss(
             if h.requires_grad
             else chunk_ce(h_chunk, t_chunk)
         )
-    denom = num_items_in_batch if num_items_in_batch is not None else targets.shape[0]
+    denom = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device)
     return total / max(denom, 1) if not isinstance(denom, torch.Tensor) else total / denom.clamp(min=1)

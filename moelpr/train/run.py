@@ -39,6 +39,7 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     from moelpr.data import BlockCollator, load_corpora, prepared_corpora, training_dataset
     from moelpr.train.methods import method_of
     from moelpr.train.trainer import MoETrainer
+    from moelpr.train.watch import JsonLog
 
     # ---- setup: output directory, model, trainable set, data --------------------------------------------
     out_dir = recipe.output_dir
@@ -58,8 +59,6 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
         c if c.max_docs is not None or recipe.max_docs is None else dataclasses.replace(c, max_docs=recipe.max_docs)
         for c in corpora
     ]
-    if args.process_index == 0:
-        print(moelpr.parameter_summary(model))
 
     dataset = training_dataset(  # raw corpora: prepared on every process at once, no barrier
         corpora,
@@ -76,14 +75,17 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     )  # the Trainer shuffles map-style data
 
     # ---- train ------------------------------------------------------------------------------------------
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     trainer = MoETrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=BlockCollator(pad_token_id=tokenizer.pad_token_id),
-        callbacks=callbacks,
+        callbacks=[JsonLog(), *(callbacks or [])],
+        tokens_per_step=batch * recipe.cutoff_len,
     )
+    _watch(trainer, recipe, method, dataset, moelpr.parameter_summary(model))
     result = trainer.train(resume_from_checkpoint=resume)
 
     # ---- save (main process only; the others wait) ------------------------------------------------------
@@ -108,6 +110,22 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
 
 
 # ---- setup helpers ------------------------------------------------------------------------------------------
+
+
+def _watch(trainer, recipe: Recipe, method, dataset, parameters: str) -> None:
+    """What a long run shows (`moelpr.train.watch`): the summary before step 1, one compact console line per log
+    instead of the Trainer's full printout, and, in stage 2, the convergence warning while training."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from moelpr.train.watch import CompactPrinter, CompactProgress, ConvergenceWatch, RunSummary
+
+    threshold = recipe.router_warning_threshold
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(CompactPrinter(threshold) if trainer.args.disable_tqdm else CompactProgress(threshold))
+    trainer.add_callback(RunSummary(dataset, recipe.cutoff_len, parameters))
+    if method.stage == 2:
+        trainer.add_callback(ConvergenceWatch(threshold))
 
 
 def _load_tokenizer(model_dir: str, auto_tokenizer):
@@ -154,6 +172,8 @@ def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
     kwargs["remove_unused_columns"] = False  # keep lang_mask / lang_group for the collator and the LPR loss
     kwargs.setdefault("ddp_find_unused_parameters", False)  # fused experts: every parameter is used
     kwargs.setdefault("report_to", "none")
+    # Its isnan/isinf check of every step's loss reads the loss back on the host: a sync per step.
+    kwargs.setdefault("logging_nan_inf_filter", False)
     if not _has_accelerator():
         if kwargs.get("use_cpu") is False and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(

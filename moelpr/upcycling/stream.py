@@ -285,22 +285,12 @@ def _meta_moe(
     base_model_path: str,
 ) -> nn.Module:
     """The MoE-LPR model of the meta skeleton `lm`, with real routers drawn after `torch.manual_seed(seed)`."""
-    from moelpr.model import MoELPRConfig, MoELPRForCausalLM
-    from moelpr.model.arch import check_supported, decoder_layers
+    from moelpr.model import MoELPRForCausalLM
     from moelpr.model.convert import convert_layers
     from moelpr.upcycling.freeze import set_trainable
-    from moelpr.upcycling.upcycle import check_top_k, experts_per_layer_from
+    from moelpr.upcycling.upcycle import upcycle_config
 
-    check_supported(lm)
-    counts = experts_per_layer_from(num_experts, len(decoder_layers(lm)), layers)
-    check_top_k(top_k, counts)
-    config = MoELPRConfig(
-        text_config=lm.config,
-        experts_per_layer=counts,
-        num_experts_per_tok=top_k,
-        base_model_path=base_model_path,
-        expert_init="copy",
-    )
+    config = upcycle_config(lm, num_experts, top_k, layers, base_model_path=base_model_path, expert_init="copy")
     moe = MoELPRForCausalLM(config, lm=lm)  # wrapped before the surgery, as in `upcycle`
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
         torch.manual_seed(seed)

@@ -50,6 +50,17 @@ def check_top_k(top_k: int, experts_per_layer: Sequence[int]) -> None:
         raise UserError(f"top_k must be between 1 and the number of experts ({most}), got {top_k}")
 
 
+def upcycle_config(lm: nn.Module, num_experts, top_k: int, layers: Sequence[int] | None, **fields):
+    """The `MoELPRConfig` of `lm` upcycled to `num_experts` (one count or one per layer) and `top_k`, checked
+    (both upcycles build their model from it)."""
+    from moelpr.model import MoELPRConfig
+
+    check_supported(lm)
+    counts = experts_per_layer_from(num_experts, len(decoder_layers(lm)), layers)
+    check_top_k(top_k, counts)
+    return MoELPRConfig(text_config=lm.config, experts_per_layer=counts, num_experts_per_tok=top_k, **fields)
+
+
 def upcycle(
     model: nn.Module,
     num_experts: int | Sequence[int] = 4,
@@ -73,20 +84,18 @@ def upcycle(
         The MoE-LPR model, with the stage-1 trainable set (new experts + routers; the rest frozen).
     """
     from moelpr.checkpoint import base_fingerprint
-    from moelpr.model import MoELPRConfig, MoELPRForCausalLM
+    from moelpr.model import MoELPRForCausalLM
     from moelpr.upcycling.freeze import set_trainable
 
     if isinstance(model, MoELPRForCausalLM) or moe_blocks(model):
         raise UserError(
             f"{type(model).__name__} is already upcycled; add languages to it with lifelong expansion instead"
         )
-    check_supported(model)
-    counts = experts_per_layer_from(num_experts, len(decoder_layers(model)), layers)
-    check_top_k(top_k, counts)
-    config = MoELPRConfig(
-        text_config=model.config,
-        experts_per_layer=counts,
-        num_experts_per_tok=top_k,
+    config = upcycle_config(
+        model,
+        num_experts,
+        top_k,
+        layers,
         base_model_path=getattr(model, "name_or_path", None) or None,
         base_fingerprint=base_fingerprint(model.state_dict()),
         expert_init=expert_init,
