@@ -95,7 +95,7 @@ def test_the_transformers_floor_passes_the_tests_that_touch_its_api(tmp_path):
     tests = [
         "tests/model/test_classifier.py",
         "tests/model/test_transformers_api.py",
-        "tests/moe/test_upcycle.py",
+        "tests/upcycling/test_upcycle.py",
         "tests/export/test_export_decode.py",
         "tests/test_checkpoint.py",
     ]

@@ -8,7 +8,7 @@ EXAMPLE = "moe-lpr train recipes/moe_lpr/qwen1.5-1.8b_stage1.yaml --max_steps 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moelpr.train.recipe import recipe_help
+    from moelpr.train.overrides import recipe_help
 
     parser.epilog = f"{recipe_help()}\n\n{parser.epilog or ''}"
     parser.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")

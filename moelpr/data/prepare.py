@@ -44,7 +44,7 @@ from moelpr.utils.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # part of every key: bump when tokenisation or the layout changes
+FORMAT_VERSION = 3  # part of every key: bump when tokenisation or the layout changes
 MANIFEST = "moelpr_prepared.json"
 SHARDS = "shards"
 SHARD_BYTES = 256 << 20  # input bytes per shard (parallelism and resumption granularity)
@@ -318,7 +318,9 @@ def _manifest(root, key, corpora, shards, records, encoder, cutoff_len, dtype, o
     entries = []
     for ci, corpus in enumerate(corpora):
         own = [(s, records[s.name]) for s in shards if s.corpus == ci]
-        totals = {k: sum(r[k] for _, r in own) for k in ("docs", "skipped", "tokens", "blocks", "dropped")}
+        totals = {
+            k: sum(r[k] for _, r in own) for k in ("docs", "skipped", "tokens", "blocks", "dropped", "text_bytes")
+        }
         if totals["docs"] == 0:
             raise no_documents(corpus, totals["skipped"])
         if totals["blocks"] == 0:

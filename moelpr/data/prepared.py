@@ -126,6 +126,13 @@ class PreparedDataset(torch.utils.data.Dataset):
         """Blocks each corpus gives one epoch."""
         return {e["name"]: n for e, n in zip(self.entries, self.mixture.counts)}
 
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes of text per token (EOS counted) of the selected corpora: bits per byte = nats per token /
+        (ln 2 · this)."""
+        text = sum(e["text_bytes"] for e in self.entries)
+        return text / max(1, sum(e["tokens"] + e["dropped"] for e in self.entries))
+
     def block(self, c: int, b: int) -> np.ndarray:
         """Token ids `(S,)` of block `b` of corpus `c`, checked against the vocabulary."""
         starts = self._starts[c]

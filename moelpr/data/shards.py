@@ -57,10 +57,11 @@ class ShardWriter:
         final = self.shard_dir / f"{shard.name}.bin"
         fd, tmp = tempfile.mkstemp(prefix=f".{shard.name}.tmp-", dir=self.shard_dir)
         stats = {"docs": 0, "skipped": 0, "bytes": 0}
-        tokens = 0
+        tokens = text_bytes = 0
         try:
             with os.fdopen(fd, "wb") as f:
                 for texts in self._batches(shard, stats):
+                    text_bytes += sum(len(t.encode("utf-8")) for t in texts)  # what bits per byte divide by
                     ids, _ = self.encoder.encode(texts)  # (T,)
                     f.write(ids.astype(self.dtype).tobytes())
                     tokens += len(ids)
@@ -80,6 +81,7 @@ class ShardWriter:
             "skipped": stats["skipped"],
             "tokens": blocks * self.cutoff_len,
             "dropped": tokens - blocks * self.cutoff_len,
+            "text_bytes": text_bytes,
             "blocks": blocks,
             "checksum": checksum,
         }

@@ -34,6 +34,30 @@ def new_experts(recipe: Recipe, num_layers: int) -> list[int]:
     return [n - 1 for n in counts] if from_file else counts
 
 
+def next_group(model_dir: str | os.PathLike) -> int:
+    """The corpus group the next expansion of the finished stage-2 model in `model_dir` trains (read from its
+    config.json, before any model is built)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = {}
+    if config.get("model_type") != "moelpr":
+        _not_finished(model_dir, "a dense model" if config else "no MoE-LPR model")
+    if config.get("completed_stage", 0) != 2:
+        _not_finished(model_dir, f"completed_stage {config.get('completed_stage', 0)}")
+    return len(config.get("expert_groups") or [[]]) + 1
+
+
+def _not_finished(model_dir: str | os.PathLike, found: str) -> None:
+    raise UserError(
+        f"lifelong expansion needs a model that finished stage 2; {model_dir} is {found} "
+        "(run stage 2 first and pass its output_dir as model)"
+    )
+
+
 def expanded_model(recipe: Recipe, moelpr) -> tuple[object, int]:
     """The finished stage-2 model with one more expansion group; returns (model, the group's corpus number)."""
     from moelpr.upcycling.expand import expand
@@ -41,10 +65,9 @@ def expanded_model(recipe: Recipe, moelpr) -> tuple[object, int]:
     model = moelpr.load_model(recipe.model)
     finished = getattr(getattr(model, "config", None), "completed_stage", 0)
     if not isinstance(model, moelpr.MoELPRForCausalLM) or finished != 2:
-        found = "a dense model" if not isinstance(model, moelpr.MoELPRForCausalLM) else f"completed_stage {finished}"
-        raise UserError(
-            f"lifelong expansion needs a model that finished stage 2; {recipe.model} is {found} "
-            "(run stage 2 first and pass its output_dir as model)"
+        _not_finished(
+            recipe.model,
+            "a dense model" if not isinstance(model, moelpr.MoELPRForCausalLM) else f"completed_stage {finished}",
         )
     group = expand(model, new_experts(recipe, len(model.config.experts_per_layer)))
     cfg = model.config

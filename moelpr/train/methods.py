@@ -11,7 +11,8 @@
     llama_pro /      linear layers (saved merged); LLaMA-Pro's added blocks; LoRAMoE's LoRA experts and routers
     loramoe
 
-`method_of(recipe)` picks one; `moelpr.train.run` runs whichever it is the same way (setup → train → save).
+`method_of(recipe)` picks one; `moelpr.train.run` runs whichever it is the same way: select its corpora, prepare
+the data, build the model, train, save.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ class Method:
     """One training method.
 
     Attributes:
-        prepare: (recipe, corpora) → (the model with its trainable set and loss settings, the corpora it trains on).
+        build: (recipe, the corpora it trains on) → the model with its trainable set and loss settings.
+        select: (recipe, corpora) → the corpora it trains on, checked (before any model is built); default: all.
         stage: the MoE-LPR stage `config.completed_stage` records when it finishes (None: a dense baseline).
         save: writes the trained model into a directory (default: `moelpr.save_model` in the recipe's format).
     """
 
-    prepare: Callable[[Recipe, list[Corpus]], tuple[nn.Module, list[Corpus]]]
+    build: Callable[[Recipe, list[Corpus]], nn.Module]
+    select: Callable[[Recipe, list[Corpus]], list[Corpus]] = lambda recipe, corpora: corpora
     stage: int | None = None
     save: Callable[..., None] | None = None
 
@@ -64,18 +67,31 @@ def save(method: Method, model: nn.Module, directory: Path, recipe: Recipe, toke
 # ---- MoE-LPR ------------------------------------------------------------------------------------------------
 
 
-def _stage_1(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Corpus]]:
-    import moelpr
-
-    model = _upcycled(recipe)
+def _new_languages(recipe: Recipe, corpora: list[Corpus]) -> list[Corpus]:
     corpora = [c for c in corpora if c.role == "new"]
     if not corpora:
         raise UserError("stage 1 trains on the new languages but no corpus has role: new; add one")
+    return corpora
+
+
+def _stage_1(recipe: Recipe, corpora: list[Corpus]) -> nn.Module:
+    import moelpr
+
+    model = _upcycled(recipe)
     moelpr.set_trainable(model, "stage1")
-    return model, corpora
+    return model
 
 
-def _stage_2(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Corpus]]:
+def _with_replay(recipe: Recipe, corpora: list[Corpus]) -> list[Corpus]:
+    if not any(c.role == "old" for c in corpora):
+        raise UserError(
+            "stage 2 needs old-language replay data but no corpus has role: old; add one "
+            "(max_docs limits how many documents are replayed)"
+        )
+    return corpora
+
+
+def _stage_2(recipe: Recipe, corpora: list[Corpus]) -> nn.Module:
     """The stage-1 model with the stage-2 losses: NTP + γ·LPR (+ the LayerMoE classifiers' CE), no balance loss."""
     import moelpr
     from moelpr.layermoe import training as layermoe
@@ -86,11 +102,6 @@ def _stage_2(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Cor
             f"stage 2 needs a stage-1 MoE-LPR model; got a dense model at {recipe.model} "
             "(run stage 1 first and pass its output_dir as model)"
         )
-    if not any(c.role == "old" for c in corpora):
-        raise UserError(
-            "stage 2 needs old-language replay data but no corpus has role: old; add one "
-            "(max_docs limits how many documents are replayed)"
-        )
     cfg = model.config
     cfg.lpr_loss_coef, cfg.lpr_loss_form, cfg.lpr_loss_reduction = (
         recipe.lpr_loss_coef,
@@ -100,32 +111,43 @@ def _stage_2(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Cor
     cfg.aux_loss_coef, cfg.cls_loss_coef = 0.0, recipe.cls_loss_coef
     layermoe.setup_classifiers(model, recipe, corpora)  # LayerMoE: classifiers train with the routers
     moelpr.set_trainable(model, "stage2")
-    return model, corpora
+    return model
 
 
-def _lifelong(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Corpus]]:
-    import moelpr
-    from moelpr.layermoe import training as layermoe
+def _expansion_group(recipe: Recipe, corpora: list[Corpus]) -> list[Corpus]:
+    from moelpr.layermoe.training import next_group
 
-    model, group = layermoe.expanded_model(recipe, moelpr)
+    group = next_group(recipe.model)
     corpora = [c for c in corpora if c.group == group]
     if not corpora:
         raise UserError(
             f"lifelong expansion trains expansion group {group} on corpora with group: {group}, "
             "but none has it; set group on the new languages' corpora"
         )
+    return corpora
+
+
+def _lifelong(recipe: Recipe, corpora: list[Corpus]) -> nn.Module:
+    import moelpr
+    from moelpr.layermoe import training as layermoe
+
+    model, group = layermoe.expanded_model(recipe, moelpr)
     moelpr.set_trainable(model, "stage1", groups=[group - 1])
-    return model, corpora
+    return model
 
 
-def _one_stage(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Corpus]]:
+def _any_new(recipe: Recipe, corpora: list[Corpus]) -> list[Corpus]:
+    if not any(c.role == "new" for c in corpora):
+        raise UserError("moe_one_stage trains on the new languages (plus any replay) but no corpus has role: new")
+    return corpora
+
+
+def _one_stage(recipe: Recipe, corpora: list[Corpus]) -> nn.Module:
     import moelpr
 
     model = _upcycled(recipe)
-    if not any(c.role == "new" for c in corpora):
-        raise UserError("moe_one_stage trains on the new languages (plus any replay) but no corpus has role: new")
     moelpr.set_trainable(model, "all")
-    return model, corpora
+    return model
 
 
 def _upcycled(recipe: Recipe) -> nn.Module:
@@ -159,9 +181,9 @@ def _upcycled(recipe: Recipe) -> nn.Module:
     return model
 
 
-MOE_STAGE_1 = Method(prepare=_stage_1, stage=1)
-MOE_STAGE_2 = Method(prepare=_stage_2, stage=2)
-LIFELONG = Method(prepare=_lifelong, stage=1)
+MOE_STAGE_1 = Method(build=_stage_1, select=_new_languages, stage=1)
+MOE_STAGE_2 = Method(build=_stage_2, select=_with_replay, stage=2)
+LIFELONG = Method(build=_lifelong, select=_expansion_group, stage=1)
 
 
 # ---- the baselines on the dense model -----------------------------------------------------------------------
@@ -176,30 +198,30 @@ def _dense(recipe: Recipe) -> nn.Module:
     return model
 
 
-def _full(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Corpus]]:
+def _full(recipe: Recipe, corpora: list[Corpus]) -> nn.Module:
     model = _dense(recipe)
     model.requires_grad_(True)
-    return model, corpora
+    return model
 
 
-def _lora(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Corpus]]:
+def _lora(recipe: Recipe, corpora: list[Corpus]) -> nn.Module:
     from moelpr.baselines import add_lora
 
-    return add_lora(_dense(recipe), recipe.lora_rank, recipe.lora_alpha, recipe.lora_target), corpora
+    return add_lora(_dense(recipe), recipe.lora_rank, recipe.lora_alpha, recipe.lora_target)
 
 
-def _llama_pro(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Corpus]]:
+def _llama_pro(recipe: Recipe, corpora: list[Corpus]) -> nn.Module:
     from moelpr.baselines import add_llama_pro_blocks
 
-    return add_llama_pro_blocks(_dense(recipe), blocks=recipe.llama_pro_blocks, every=recipe.llama_pro_every), corpora
+    return add_llama_pro_blocks(_dense(recipe), blocks=recipe.llama_pro_blocks, every=recipe.llama_pro_every)
 
 
-def _loramoe(recipe: Recipe, corpora: list[Corpus]) -> tuple[nn.Module, list[Corpus]]:
+def _loramoe(recipe: Recipe, corpora: list[Corpus]) -> nn.Module:
     from moelpr.baselines import loramoe
 
     model = loramoe(_dense(recipe), num_experts=recipe.loramoe_experts, rank=recipe.lora_rank, alpha=recipe.lora_alpha)
     model.config.base_model_path = str(Path(recipe.model).resolve())
-    return model, corpora
+    return model
 
 
 def _save_merged_lora(model: nn.Module, directory: Path, tokenizer) -> None:
@@ -215,9 +237,9 @@ def _save_dense(model: nn.Module, directory: Path, tokenizer) -> None:
 
 
 BASELINES = {
-    "moe_one_stage": Method(prepare=_one_stage, stage=1),
-    "full": Method(prepare=_full),
-    "lora": Method(prepare=_lora, save=_save_merged_lora),
-    "llama_pro": Method(prepare=_llama_pro, save=_save_dense),
-    "loramoe": Method(prepare=_loramoe),
+    "moe_one_stage": Method(build=_one_stage, select=_any_new, stage=1),
+    "full": Method(build=_full),
+    "lora": Method(build=_lora, save=_save_merged_lora),
+    "llama_pro": Method(build=_llama_pro, save=_save_dense),
+    "loramoe": Method(build=_loramoe),
 }

@@ -25,6 +25,7 @@ _PATH_KEYS = (
     "model",
     "corpora",
     "prepared",
+    "validation",
     "output_dir",
     "cache_dir",
     "num_experts",
@@ -56,6 +57,10 @@ class Recipe:
     prepared into `cache_dir` before training (or give `prepared`)."""
     prepared: str | None = None
     """A dataset directory made by `moe-lpr prepare` (instead of `corpora`): memory-mapped, nothing tokenised."""
+    validation: Any = None
+    """Validation corpora (a corpora spec, or a directory from `moe-lpr prepare`): loss and bits per byte per
+    language and role, and the router monitor, at every evaluation (`eval_strategy`, default "steps" when this is
+    set; names such as `eval_old_bpb` serve as `metric_for_best_model`)."""
     weights: dict[str, float] | None = None
     """Corpus name → weight (its share of the training tokens), replacing the corpora's weight / tokens / epochs."""
     method: str = "moe"
@@ -175,7 +180,7 @@ class Recipe:
             )
         for key in ("continue_", "overwrite", "streaming", "expand"):
             if not isinstance(getattr(self, key), bool):
-                raise UserError(f"{_yaml_key(key)} must be true or false, got {getattr(self, key)!r}")
+                raise UserError(f"{yaml_key(key)} must be true or false, got {getattr(self, key)!r}")
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise UserError(f"model must be a model directory, got {self.model!r}")
         if self.layers is not None and (
@@ -189,6 +194,27 @@ class Recipe:
         if self.streaming and int(self.training_args.get("max_steps", -1) or -1) <= 0:
             raise UserError("streaming: true needs max_steps (a streamed dataset has no length)")
         self._check_data()
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        """Evaluation settings that only make sense with validation data, and its default schedule."""
+        args = self.training_args
+        strategy = str(args.get("eval_strategy", "no"))
+        if self.validation in (None, ""):
+            if strategy != "no":
+                raise UserError(
+                    f"eval_strategy: {strategy} needs validation data; add validation: (a corpora spec or a "
+                    "prepared directory) or drop eval_strategy"
+                )
+            if args.get("load_best_model_at_end"):
+                raise UserError("load_best_model_at_end needs validation data; add validation: or drop it")
+            return
+        if not isinstance(self.validation, (str, os.PathLike, list)):
+            raise UserError(f"validation must be a corpora spec or a prepared directory, got {self.validation!r}")
+        if "eval_strategy" not in args:
+            args["eval_strategy"] = strategy = "steps"  # eval_steps defaults to logging_steps
+        if strategy == "no" and args.get("load_best_model_at_end"):
+            raise UserError("load_best_model_at_end evaluates during training; set eval_strategy (steps or epoch)")
 
     def _check_data(self) -> None:
         """`corpora` or `prepared`, and what goes with each."""
@@ -291,12 +317,12 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as YAML keys (training arguments flattened back to the top level)."""
-        out = {_yaml_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "training_args"}
+        out = {yaml_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "training_args"}
         out.update(self.training_args)
         return json.loads(json.dumps(out, default=str))
 
 
-def _yaml_key(name: str) -> str:
+def yaml_key(name: str) -> str:
     return "continue" if name == "continue_" else name
 
 
@@ -309,68 +335,9 @@ def recipe_keys() -> tuple[dict[str, str], dict[str, str]]:
     """(moelpr recipe keys as written in YAML, TrainingArguments field names), each → its type as text."""
     from transformers import TrainingArguments
 
-    own = {_yaml_key(f.name): str(f.type) for f in dataclasses.fields(Recipe) if f.name != "training_args"}
+    own = {yaml_key(f.name): str(f.type) for f in dataclasses.fields(Recipe) if f.name != "training_args"}
     ta = {f.name: str(f.type) for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
     return own, ta
-
-
-def recipe_help() -> str:
-    """Every moelpr recipe key with its type, default and the first line of its description (`train --help`)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(Recipe))
-    body = tree.body[0].body
-    docs = {
-        node.target.id: " ".join(nxt.value.value.split()).split(". ")[0].rstrip(".")
-        for node, nxt in zip(body, body[1:])
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-    }
-    lines = ["recipe keys (any transformers.TrainingArguments field is a key too):"]
-    for f in dataclasses.fields(Recipe):
-        if f.name == "training_args":
-            continue
-        default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
-        lines.append(f"  {_yaml_key(f.name)} ({f.type}; {default}): {docs.get(f.name, '')}")
-    return "\n".join(lines)
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, str | bool]:
-    """`["--key", "value", "--flag", "--k2=v2"]` → `{"key": "value", "flag": True, "k2": "v2"}` (text, typed later)."""
-    parsed: dict[str, str | bool] = {}
-    i = 0
-    while i < len(overrides):
-        token = overrides[i]
-        if not token.startswith("--") or len(token) <= 2:
-            raise UserError(f"unexpected argument {token!r}; overrides look like --key value")
-        key, eq, text = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
-                text = overrides[i + 1]
-                i += 1
-            else:
-                text = True  # a bare flag
-        parsed[key.replace("-", "_")] = text
-        i += 1
-    return parsed
-
-
-def _typed(text: str | bool, type_text: str) -> Any:
-    """A command-line value read as YAML (numbers, true/false, [lists]), unless the key expects text that YAML
-    would turn into something else: `--save_strategy no` stays "no", `--run_name 123` stays "123"."""
-    import yaml
-
-    if not isinstance(text, str) or text == "":
-        return text
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    kind = {bool: "bool", int: "int", float: "float", list: "list", dict: "dict", type(None): "None"}.get(type(value))
-    accepted = kind is None or kind in type_text or (kind == "int" and "float" in type_text)
-    if kind is not None and "str" in type_text and not accepted:
-        return text
-    return value
 
 
 def load_recipe(
@@ -402,8 +369,10 @@ def load_recipe(
     if isinstance(overrides, dict):
         given = dict(overrides)
     else:
+        from moelpr.train.overrides import parse_overrides, typed
+
         types = {**ta_fields, **own}
-        given = {k: _typed(v, types.get(k, "Any")) for k, v in parse_overrides(list(overrides or [])).items()}
+        given = {k: typed(v, types.get(k, "Any")) for k, v in parse_overrides(list(overrides or [])).items()}
     for key, other in (("prepared", "corpora"), ("corpora", "prepared")):
         if given.get(key) not in (None, "") and other not in given:
             raw.pop(other, None)  # the data named on the command line replaces the file's

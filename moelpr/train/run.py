@@ -41,25 +41,19 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     from moelpr.train.trainer import MoETrainer
     from moelpr.train.watch import JsonLog
 
-    # ---- setup: output directory, model, trainable set, data --------------------------------------------
+    # ---- setup: output directory, data (before any model is built: its errors come first), model ------------
     out_dir = recipe.output_dir
     resume = _resume_point(recipe, out_dir)
     tokenizer = _load_tokenizer(recipe.model, AutoTokenizer)
-    corpora = prepared_corpora(recipe.prepared) if recipe.prepared else load_corpora(recipe.corpora)
-    set_seed(recipe.training_args.get("seed", TrainingArguments.seed))  # router (and LoRA / LLaMA-Pro) init is random
     method = method_of(recipe)
-    model, corpora = method.prepare(recipe, corpora)
-    if method.stage is not None:  # an MoE-LPR model
-        model.config.completed_stage = method.stage - 1  # checkpoints taken during this run are unfinished
-        model.set_moe_dispatch(recipe.moe_dispatch)
-    # After the model: with a ZeRO-3 config, TrainingArguments switch on deepspeed.zero.Init for every later
-    # from_pretrained, which would hand the upcycle empty partitions; DeepSpeed partitions the full model itself.
-    args = _training_arguments(recipe, out_dir / CHECKPOINTS)
+    corpora = method.select(
+        recipe, prepared_corpora(recipe.prepared) if recipe.prepared else load_corpora(recipe.corpora)
+    )
     corpora = [
         c if c.max_docs is not None or recipe.max_docs is None else dataclasses.replace(c, max_docs=recipe.max_docs)
         for c in corpora
     ]
-
+    seed = recipe.training_args.get("seed", TrainingArguments.seed)
     dataset = training_dataset(  # raw corpora: prepared on every process at once, no barrier
         corpora,
         tokenizer,
@@ -67,12 +61,22 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
         prepared=recipe.prepared,
         cache_dir=recipe.cache_dir,
         streaming=recipe.streaming,
-        seed=args.seed,
+        seed=seed,
         num_proc=recipe.num_proc,
         on_bad_record=recipe.on_bad_record,
         weights=recipe.weights,
-        num_shards=max(1, args.dataloader_num_workers),
+        num_shards=max(1, recipe.training_args.get("dataloader_num_workers", 0)),
     )  # the Trainer shuffles map-style data
+    validation = _validation(recipe, tokenizer)
+
+    set_seed(seed)  # router (and LoRA / LLaMA-Pro) init is random
+    model = method.build(recipe, corpora)
+    if method.stage is not None:  # an MoE-LPR model
+        model.config.completed_stage = method.stage - 1  # checkpoints taken during this run are unfinished
+        model.set_moe_dispatch(recipe.moe_dispatch)
+    # After the model: with a ZeRO-3 config, TrainingArguments switch on deepspeed.zero.Init for every later
+    # from_pretrained, which would hand the upcycle empty partitions; DeepSpeed partitions the full model itself.
+    args = _training_arguments(recipe, out_dir / CHECKPOINTS)
 
     # ---- train ------------------------------------------------------------------------------------------
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -84,6 +88,7 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
         data_collator=BlockCollator(pad_token_id=tokenizer.pad_token_id),
         callbacks=[JsonLog(), *(callbacks or [])],
         tokens_per_step=batch * recipe.cutoff_len,
+        validation=validation,
     )
     _watch(trainer, recipe, method, dataset, moelpr.parameter_summary(model))
     result = trainer.train(resume_from_checkpoint=resume)
@@ -110,6 +115,42 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
 
 
 # ---- setup helpers ------------------------------------------------------------------------------------------
+
+
+def _validation(recipe: Recipe, tokenizer) -> dict | None:
+    """Language → its validation set (`MoETrainer(validation=...)`), from the recipe's `validation:`, or None.
+
+    A metric_for_best_model the evaluation will not produce is refused here, before any model is built."""
+    if recipe.validation is None:
+        return None
+    from moelpr.data import validation_datasets
+    from moelpr.train.trainer import ValidationLanguage
+
+    datasets = validation_datasets(
+        recipe.validation,
+        tokenizer,
+        cutoff_len=recipe.cutoff_len,
+        cache_dir=recipe.cache_dir,
+        num_proc=recipe.num_proc,
+        on_bad_record=recipe.on_bad_record,
+    )
+    validation = {}
+    for lang, dataset in datasets.items():
+        roles = {entry["role"] for entry in dataset.entries}
+        if len(roles) > 1:
+            raise UserError(
+                f"validation language {lang!r} is both old and new in {recipe.validation}; give it one role"
+            )
+        validation[lang] = ValidationLanguage(dataset, roles.pop(), dataset.bytes_per_token)
+    metric = recipe.training_args.get("metric_for_best_model")
+    if metric is not None:
+        names = {"loss"} | {f"{x}_{s}" for x in [*validation, "old", "new"] for s in ("loss", "bpb")}
+        if metric.removeprefix("eval_") not in names and not metric.removeprefix("eval_").startswith("router/"):
+            raise UserError(
+                f"metric_for_best_model {metric!r} is not one the validation reports; use loss, old_bpb, new_bpb, "
+                f"old_loss, new_loss or LANG_bpb / LANG_loss for a validation language ({', '.join(validation)})"
+            )
+    return validation
 
 
 def _watch(trainer, recipe: Recipe, method, dataset, parameters: str) -> None:
@@ -174,6 +215,8 @@ def _training_arguments(recipe: Recipe, checkpoint_dir: Path):
     kwargs.setdefault("report_to", "none")
     # Its isnan/isinf check of every step's loss reads the loss back on the host: a sync per step.
     kwargs.setdefault("logging_nan_inf_filter", False)
+    if str(kwargs.get("metric_for_best_model", "")).endswith("bpb"):
+        kwargs.setdefault("greater_is_better", False)  # the Trainer's default is "lower is better" for *loss only
     if not _has_accelerator():
         if kwargs.get("use_cpu") is False and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(

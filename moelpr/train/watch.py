@@ -55,6 +55,9 @@ def compact_line(logs: dict[str, Any], state, threshold: float) -> str:
         if "eval_loss" in logs and len(parts) == 1:
             parts.append(f"loss {logs['eval_loss']:.4f}")
         routing = unconverged_layers(logs, threshold, prefix="eval_")
+    elif "train_runtime" in logs:  # the Trainer's end-of-training summary
+        loss = f", mean loss {logs['train_loss']:.4f}" if "train_loss" in logs else ""
+        return f"trained {state.global_step} steps in {logs['train_runtime']:.0f} s{loss}"
     else:
         parts = [f"step {state.global_step}/{state.max_steps}"]
         if "loss" in logs:
@@ -69,8 +72,6 @@ def compact_line(logs: dict[str, Any], state, threshold: float) -> str:
         if "cls_acc" in logs:
             parts.append(f"cls acc {logs['cls_acc']:.3f}")
         routing = unconverged_layers(logs, threshold)
-        if routing is None and "train_runtime" in logs:
-            parts.append(f"done in {logs['train_runtime']:.0f} s")
     if routing is not None:
         layers, mean = routing
         parts.append(f"old→expert 0 {mean:.3f} ({len(layers)} layer(s) below {1 - threshold:.2f})")

@@ -6,7 +6,8 @@ import pytest
 from train_helpers import TINY_RECIPES
 
 from moelpr.errors import UserError
-from moelpr.train.recipe import Recipe, load_recipe, parse_overrides
+from moelpr.train.overrides import parse_overrides
+from moelpr.train.recipe import Recipe, load_recipe
 
 BASE = {"model": "m", "corpora": "c.yaml", "output_dir": "out"}
 
@@ -43,7 +44,7 @@ def test_overrides_are_read_as_the_key_expects():
 
 
 def test_train_help_lists_every_recipe_key_with_type_and_default():
-    from moelpr.train.recipe import recipe_help
+    from moelpr.train.overrides import recipe_help
 
     text = recipe_help()
     assert "lpr_loss_coef (float; default 0.1): Weight of the LPR loss (stage 2)" in text
