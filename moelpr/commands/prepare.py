@@ -16,6 +16,9 @@ from moelpr.errors import UserError
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+EXAMPLE = "moe-lpr prepare recipes/corpora/walkthrough_culturax_el_hu_tr.yaml --tokenizer models/Qwen1.5-1.8B --cutoff-len 1024 --output data/prepared/stage1"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("corpora", help="corpora file (YAML, or LLaMA-Factory's dataset_info.json)")
     parser.add_argument("--tokenizer", required=True, help="the model's directory (or one holding its tokenizer)")

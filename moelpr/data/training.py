@@ -81,20 +81,35 @@ def training_dataset(
         return stream_dataset(
             corpora, tokenizer, cutoff_len=cutoff_len, num_shards=num_shards, seed=seed, on_bad_record=on_bad_record
         )
+    root = _prepared_in_cache(corpora, tokenizer, cutoff_len, cache_dir, num_proc, on_bad_record, progress=True)
+    mix = {c.name: c.mix for c in corpora}
+    return PreparedDataset(root, corpora=list(mix), mix=mix)
+
+
+def _prepared_in_cache(
+    corpora: list[Corpus],
+    tokenizer: Any,
+    cutoff_len: int,
+    cache_dir: str | os.PathLike | None,
+    num_proc: int,
+    on_bad_record: BadRecordPolicy,
+    *,
+    progress: bool,
+) -> Path:
+    """Raw corpora prepared into the cache (`cache_dir`, else `default_cache_dir()`), this process taking its share
+    of the shards of a multi-process launch; the progress bar on the first process of a terminal."""
     rank, world = launch_share()
-    root = prepare(
+    return prepare(
         corpora,
         tokenizer,
         cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
         cutoff_len=cutoff_len,
         num_proc=max(1, num_proc // world),
         on_bad_record=on_bad_record,
-        progress=rank == 0 and sys.stderr.isatty(),
+        progress=progress and rank == 0 and sys.stderr.isatty(),
         rank=rank,
         world=world,
     )
-    mix = {c.name: c.mix for c in corpora}
-    return PreparedDataset(root, corpora=list(mix), mix=mix)
 
 
 def _weighted(corpora: list[Corpus], weights: Any) -> list[Corpus]:
@@ -126,18 +141,7 @@ def validation_datasets(
         check = {"tokenizer": tokenizer, "cutoff_len": cutoff_len}
     else:
         corpora = source if isinstance(source, list) else load_corpora(source)
-        rank, world = launch_share()
-        root = prepare(
-            corpora,
-            tokenizer,
-            cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
-            cutoff_len=cutoff_len,
-            num_proc=max(1, num_proc // world),
-            on_bad_record=on_bad_record,
-            progress=False,
-            rank=rank,
-            world=world,
-        )
+        root = _prepared_in_cache(corpora, tokenizer, cutoff_len, cache_dir, num_proc, on_bad_record, progress=False)
         check = {}
     languages = dict.fromkeys(c.language for c in corpora)
     return {

@@ -168,9 +168,15 @@ def test_overwrite_starts_again_and_clears_old_checkpoints(world, reference, tmp
     _train(world, out, overwrite=True)
     err = capsys.readouterr().err
     assert "resuming from" not in err and "warning" not in err
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "train_log.jsonl",
+    ]
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 2, 3, 4]  # from step 0
+    log = [json.loads(line) for line in (out / "checkpoints" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]  # the old run's log went with its checkpoints
     _assert_same_weights(out, reference)
 
 
