@@ -38,7 +38,7 @@ def _windows(tokenizer, texts: Sequence[str], max_tokens: int, length: int) -> l
 def router_inputs(
     model, tokenizer, texts: dict[str, Sequence[str]], *, max_tokens: int, context_len: int, batch_size: int = 16
 ) -> dict[str, list[torch.Tensor]]:
-    """Per language, the MLP inputs `(n, H)` of every decoder layer (float32), in window order.
+    """Per language, the MLP inputs `(n, H)` of every decoder layer (float32, on the CPU), in window order.
 
     Works on a dense model and on an MoE-LPR model alike: the hooks sit on each decoder layer's `mlp`.
     """
@@ -50,6 +50,7 @@ def router_inputs(
         layer.mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach())) for layer in layers
     ]
     out: dict[str, list[list[torch.Tensor]]] = {}
+    device = next(model.parameters()).device
     try:
         for lang, docs in texts.items():
             windows = _windows(tokenizer, docs, max_tokens, context_len)
@@ -63,9 +64,10 @@ def router_inputs(
                     ids[i, : len(w)] = torch.tensor(w)
                     mask[i, : len(w)] = True
                 captured.clear()
+                ids, mask = ids.to(device), mask.to(device)
                 model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
                 for layer, x in enumerate(captured):
-                    per_layer[layer].append(x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float())  # (n, H)
+                    per_layer[layer].append(x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float().cpu())  # (n, H)
             out[lang] = per_layer
     finally:
         for hook in hooks:
