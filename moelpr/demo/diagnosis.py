@@ -56,6 +56,7 @@ def _embedding_section(results: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
     ]
     lines += [f"| {n} | {'yes' if n in TRAINS_EMBEDDINGS else 'no'} | {test[n]:.0%} | {val[n]:.0%} |" for n in rows]
+    share = results["pretrain"].get("embedding_share") or embedding_share(results["settings"]["sizes"])
     frozen = [test[n] for n in rows if n not in TRAINS_EMBEDDINGS]
     trained = [test[n] for n in rows if n in TRAINS_EMBEDDINGS and n != "full"]
     lines += [
@@ -63,7 +64,7 @@ def _embedding_section(results: dict[str, Any]) -> list[str]:
         f"Every row that keeps the embeddings and the LM head frozen gains at most {max(frozen):.0%} of full "
         "fine-tuning's new-language bits per byte"
         + (f"; the one-stage MoE, which trains them, gains {min(trained):.0%}" if trained else "")
-        + f". At this size the embeddings and the LM head are {embedding_share(results['settings']['sizes']):.0%} of "
+        + f". At this size the embeddings and the LM head are {share:.0%} of "
         "the base's parameters, and the new-language tokens' "
         "rows were trained on the few per cent of new-language text the base saw: full fine-tuning's lead "
         "comes from retraining them (docs/demo.md, reading (c)).",

@@ -111,6 +111,9 @@ def train_mature_base(
     if path.is_file() and (stable / "config.json").is_file():
         record = json.loads(path.read_text())
     else:
+        import shutil
+
+        shutil.rmtree(stable, ignore_errors=True)  # a stable model without its curve: train it again, measured
         init = out / "models" / "base_init"
         tokenizer, corpora = AutoTokenizer.from_pretrained(init), load_corpora(validation_yaml)
 

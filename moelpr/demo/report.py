@@ -133,7 +133,31 @@ def _figures(out: Path, results: dict) -> list[str]:
     return [name for name, png in drawn.items() if png is not None]
 
 
+def maturity_markdown(m: dict[str, Any]) -> str:
+    """The base's maturity (`--sizes mature`): how long it trained and its validation curve."""
+    stop = (
+        f"stopped at the plateau (the last fifth of the stable phase improved the score by less than "
+        f"{m['plateau_threshold']:.0%})"
+        if m["stopped_at_plateau"]
+        else f"reached its most steps before the plateau criterion ({m['plateau_threshold']:.0%}) held"
+    )
+    lines = [
+        "## The base's maturity",
+        "",
+        f"{m['stable_steps']:,} steps at a constant learning rate, {stop}, then {m['decay_steps']:,} steps decaying "
+        f"to zero: {m['tokens']:,} tokens, {m['epochs']:.1f} epochs of its pretraining mix, "
+        f"{m['tokens_per_parameter']:.1f} tokens per parameter ({m['parameters']:,} parameters).",
+        "",
+        "| step | validation bpb, old | new | score (mean) |",
+        "|---|---|---|---|",
+    ]
+    for p in [*m["curve"], {**m["after_decay"], "step": f"{m['after_decay']['step']} (after the decay)"}]:
+        lines.append(f"| {p['step']} | {p['old_bpb']:.4f} | {p['new_bpb']:.4f} | {p['score']:.4f} |")
+    return "\n".join(lines + [""])
+
+
 def write_report(out: Path, results: dict, settings: dict, mix: dict, pretrain: dict, timing: dict) -> None:
+    from moelpr.demo.benchmark import benchmark_markdown
     from moelpr.demo.claims import check_claims, claims_markdown
     from moelpr.demo.diagnosis import diagnosis_markdown
     from moelpr.evaluate.report import render_report
@@ -146,15 +170,25 @@ def write_report(out: Path, results: dict, settings: dict, mix: dict, pretrain: 
     figures = _figures(out, results)
     sizes = settings["sizes"]
     total = sum(v for step in timing.values() for v in step.values())
+    if settings.get("base"):
+        base = (
+            f"Base: the pretrained model {settings['base']} ({sizes['num_layers']} layers × {sizes['hidden_size']} "
+            f"wide; not trained here), with its tokenizer; training blocks of {sizes['cutoff_len']} tokens"
+        )
+    else:
+        base = (
+            f"Base: Llama-style, {sizes['num_layers']} layers × {sizes['hidden_size']} wide, vocabulary "
+            f"{sizes['vocab_size']}, context {sizes['cutoff_len']}, pretrained on the old languages plus "
+            f"{100 * pretrain['new_share']:.1f}% new-language bytes ({100 * mix['base_new_token_share']:.1f}% of its "
+            "tokens) from pages no later run sees"
+        )
+    source = settings.get("corpus") or "the user's corpora files"
     intro = [
         "# MoE-LPR demo: results",
         "",
-        f"Old languages: {', '.join(results['languages']['old'])}; new languages: "
-        f"{', '.join(results['languages']['new'])}. Base: Llama-style, {sizes['num_layers']} layers × "
-        f"{sizes['hidden_size']} wide, vocabulary {sizes['vocab_size']}, context {sizes['cutoff_len']}, pretrained on "
-        f"the old languages plus {100 * pretrain['new_share']:.1f}% new-language bytes "
-        f"({100 * mix['base_new_token_share']:.1f}% of its tokens) from pages no later run sees; precision "
-        f"{settings['precision']} (training and evaluation); seed {settings['seed']}; sizes {settings['preset']}.",
+        f"Corpus: {source}. Old languages: {', '.join(results['languages']['old'])}; new languages: "
+        f"{', '.join(results['languages']['new'])}. {base}; precision {settings['precision']} (training and "
+        f"evaluation); seed {settings['seed']}; sizes {settings['preset']}.",
         f"Stage 1 / baselines: {mix['stage1_tokens']:,} new-language tokens; replay {mix['replay_tokens']:,} "
         f"old-language tokens ({100 * mix['replay_tokens'] / max(1, mix['stage1_tokens']):.1f}% of stage 1); review "
         f"{mix['review_tokens']:,} tokens. Evaluation: the first {sizes['eval_tokens_per_language']:,} tokens per "
@@ -165,9 +199,11 @@ def write_report(out: Path, results: dict, settings: dict, mix: dict, pretrain: 
         f"MoE-LPR's LPR coefficient (also LayerMoE's and the w/o-Expert-Copy row's): γ = "
         f"{results['sweeps']['chosen_gamma']:g}, {results['sweeps']['gamma_reason']}.",
         "",
+        *([maturity_markdown(pretrain["maturity"])] if "maturity" in pretrain else []),
         claims_markdown(results["claims"]),
         diagnosis_markdown(results),
         _experts_markdown(results["experts"]),
+        *([benchmark_markdown(results["benchmark"])] if "benchmark" in results else []),
         "## Validation figures",
         "",
         *[f"![{name}]({name})" for name in figures],

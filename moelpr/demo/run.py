@@ -102,8 +102,8 @@ def run_demo(
         check_base(base_dir)
         sizes_ = fit_sizes(custom_sizes or preset_sizes(sizes), base_dir, tokens, len(langs["new"]))
     else:
-        if tokens is not None:
-            raise UserError("--tokens sets the budget of a pretrained model's run; give it with --base")
+        if tokens is not None or (sizes == "paper" and custom_sizes is None):
+            raise UserError("--tokens and --sizes paper are for a pretrained model's run; give --base DIR")
         sizes_ = custom_sizes or preset_sizes(sizes)
     settings = settings_record(
         sizes_,
@@ -229,6 +229,10 @@ def run_demo(
             lambda: steps.dense_layer_effects("moe_lpr", out, val, sizes_, settings["precision"]),
         )
     }
+    if base_dir is not None:
+        from moelpr.demo.pretrained import embedding_share
+
+        pretrain_stats["embedding_share"] = embedding_share(base_dir)
     if maturity is not None:
         from moelpr.demo.maturity import maturity_record
 

@@ -118,8 +118,37 @@ LARGE = dataclasses.replace(FULL, hidden_size=256, intermediate_size=768, num_la
 MATURE = dataclasses.replace(FULL, base_steps=6000, base_plateau=0.01)
 """The base-maturity test of reading (c): the default comparison from a base pretrained until its validation
 score plateaus (moelpr.demo.maturity; docs/demo.md, "A mature base"); at most about an hour on 2 cores."""
-SIZES = {"default": FULL, "large": LARGE, "quick": QUICK, "mature": MATURE}
+PAPER = DemoSizes(
+    vocab_size=0,  # the model's tokenizer
+    cutoff_len=1024,
+    stage2_cutoff_len=512,
+    batch_size=8,
+    gradient_accumulation=8,
+    gradient_checkpointing=True,
+    base_new_share=0.0,
+    new_tokens_per_language=0,  # from --tokens
+    stage1_steps=0,  # from --tokens
+    lr=5e-5,
+    num_experts=6,
+    top_k=2,
+    replay_fraction=0.00575,
+    stage2_epochs=1,
+    stage2_lr=5e-5,
+    similarity_tokens=100_000,
+    eval_tokens_per_language=50_000,
+    eval_batch_size=8,
+    auto_bf16=True,
+)
+"""The papers' regime for a pretrained model (`--base DIR --sizes paper --tokens N`; moelpr.demo.pretrained)."""
+SIZES = {"default": FULL, "large": LARGE, "quick": QUICK, "mature": MATURE, "paper": PAPER}
 """The presets `--sizes` picks from (`--quick` = `--sizes quick`)."""
+
+
+def gpu_has_bf16() -> bool:
+    """True where a CUDA GPU with bf16 support is visible."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -132,12 +161,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, sizes: DemoSizes) -> str:
-    """The precision to run: `auto` is bf16 where the sizes ask for it (`auto_bf16`) and the CPU has native bf16
-    (`cpu_has_native_bf16`), else fp32."""
+    """The precision to run: `auto` is bf16 where the sizes ask for it (`auto_bf16`) and the GPU or the CPU has
+    native bf16 (`gpu_has_bf16`, `cpu_has_native_bf16`), else fp32."""
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
     if precision == "auto":
-        return "bf16" if sizes.auto_bf16 and cpu_has_native_bf16() else "fp32"
+        return "bf16" if sizes.auto_bf16 and (gpu_has_bf16() or cpu_has_native_bf16()) else "fp32"
     return precision
 
 
