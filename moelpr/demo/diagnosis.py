@@ -70,6 +70,18 @@ def _embedding_section(results: dict[str, Any]) -> list[str]:
         "comes from retraining them (docs/demo.md, reading (c)).",
         "",
     ]
+    parts = {p["frozen"]: p["validation"] for p in results["sweeps"].get("embeddings", [])}
+    base_new = _avg(results["methods"]["base"]["validation"], "bpb", "new")
+    if parts and base_new > _avg(results["methods"]["full"]["validation"], "bpb", "new"):
+        base = _avg(results["methods"]["base"]["validation"], "bpb", "new")
+        drop = base - _avg(results["methods"]["full"]["validation"], "bpb", "new")
+        share = {part: (base - _avg(res, "bpb", "new")) / drop for part, res in parts.items()}
+        lines += [
+            "Full fine-tuning with a part frozen (validation): with the embeddings and the LM head frozen it gains "
+            f"{share.get('embeddings', float('nan')):.0%} of full fine-tuning's new-language bits per byte; with "
+            f"only them trained, {share.get('rest', float('nan')):.0%}.",
+            "",
+        ]
     return lines
 
 

@@ -17,7 +17,8 @@ the same number of optimiser steps × blocks:
                          a language-group classifier on the most similar layer(s); MoE-LPR's data, steps and rates
 
 The γ grid and the review curve are stage-2 sweeps from the same stage-1 model, on validation; the rows with
-MoE-LPR's stage 2 take the γ that `choose_gamma` picks from the grid's validation numbers.
+MoE-LPR's stage 2 take the γ that `choose_gamma` picks from the grid's validation numbers. Two more validation
+runs split full fine-tuning's gain between the embeddings + LM head and the rest (`EMBEDDING_RUNS`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def plans(
                 "steps": None,  # a share of the stable phase's steps, known once it has stopped
                 "lr_scheduler_type": "linear",
             }
+    for part, run in EMBEDDING_RUNS.items():  # where full fine-tuning's gain comes from (reading (c))
+        runs[run] = {**runs["full"], "freeze": part}
     for g in sizes.gamma_grid:
         runs[gamma_run(g)] = {**review, "lpr_loss_coef": g}
     for scale in sizes.review_scales:
@@ -178,6 +181,11 @@ def plans(
                 "steps": stage2_steps(tokens, sizes),
             }
     return runs
+
+
+EMBEDDING_RUNS = {"embeddings": "sweeps/full_frozen_embeddings", "rest": "sweeps/full_embeddings_only"}
+"""Full fine-tuning with a part frozen (`moelpr.demo.steps.Freeze`), on validation: the embeddings and the LM head
+frozen, or they alone trained."""
 
 
 def gamma_run(gamma: float) -> str:

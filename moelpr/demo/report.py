@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moelpr.demo.plans import gamma_run, review_run, stage2_steps
+from moelpr.demo.plans import EMBEDDING_RUNS, gamma_run, review_run, stage2_steps
 from moelpr.demo.settings import DemoSizes
 
 
@@ -35,9 +35,16 @@ def sweep_points(
                 "run": "moe_lpr" if scale == 1 else review_run(scale),
             }
         )
-    for point in gamma + review:
+    embeddings = [{"frozen": part, "run": run} for part, run in EMBEDDING_RUNS.items() if run in sweep_evals]
+    for point in gamma + review + embeddings:
         point["validation"] = val(point["run"])
-    return {"gamma": gamma, "review": review, "chosen_gamma": gamma_choice[0], "gamma_reason": gamma_choice[1]}
+    return {
+        "gamma": gamma,
+        "review": review,
+        "embeddings": embeddings,
+        "chosen_gamma": gamma_choice[0],
+        "gamma_reason": gamma_choice[1],
+    }
 
 
 def _change(value: float, ref: float | None) -> str:

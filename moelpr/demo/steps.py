@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from moelpr.demo.plans import training_args
 from moelpr.demo.settings import DemoSizes
 
@@ -31,7 +33,9 @@ def train_run(
     path = out / "models" / name
     if (path / "config.json").is_file():
         return path
-    keys = {k: v for k, v in plan.items() if k not in ("steps", "lr")}
+    keys = {k: v for k, v in plan.items() if k not in ("steps", "lr", "freeze")}
+    if "freeze" in plan:
+        callbacks = [*(callbacks or []), Freeze(plan["freeze"])]
     recipe = load_recipe(
         {
             "cutoff_len": sizes.cutoff_len,
@@ -45,6 +49,24 @@ def train_run(
         }
     )
     return train(recipe, callbacks=callbacks)
+
+
+class Freeze(TrainerCallback):
+    """Freezes a part of full fine-tuning when the training starts: "embeddings" (the token embeddings and the LM
+    head) or "rest" (everything else). Frozen weights get no gradient, so the optimizer leaves them as they are:
+    what part of full fine-tuning's gain each part carries (reading (c) of docs/demo.md)."""
+
+    def __init__(self, part: str) -> None:
+        if part not in ("embeddings", "rest"):
+            raise ValueError(f"unknown frozen part {part!r}")
+        self.part = part
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+        for p in model.parameters():
+            if (id(p) in embeddings) == (self.part == "embeddings"):
+                p.requires_grad_(False)
+        return control
 
 
 def copy_model(source: Path, target: Path) -> None:

@@ -44,3 +44,20 @@ def test_demo_runs_in_both_precisions(tmp_path, monkeypatch, forced_bf16):
     base_args = json.loads((out / "models" / "base" / "train_metrics.json").read_text())["recipe"]
     assert base_args["bf16"] is forced_bf16
     assert set(results["methods"]) == set(demo_run.METHODS)
+    _check_frozen_parts(out, results)
+
+
+def _check_frozen_parts(out, results: dict) -> None:
+    """The two validation runs of reading (c) (embeddings + LM head frozen, or only they trained) leave the
+    frozen part exactly as the base had it and change the rest."""
+    from safetensors.torch import load_file
+
+    base = load_file(out / "models" / "base" / "model.safetensors")
+    embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
+    for run, frozen in (("full_frozen_embeddings", embeddings), ("full_embeddings_only", set(base) - embeddings)):
+        weights = load_file(out / "models" / "sweeps" / run / "model.safetensors")
+        assert all(weights[k].equal(base[k]) for k in frozen), run
+        assert not any(weights[k].equal(base[k]) for k in set(base) - frozen), run
+    assert [p["frozen"] for p in results["sweeps"]["embeddings"]] == ["embeddings", "rest"]
+    if not (results["claims"][3]["reproduced"] and results["claims"][5]["reproduced"]):  # the section is there
+        assert "Full fine-tuning with a part frozen" in (out / "results.md").read_text()
