@@ -83,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
-        help="training and evaluation precision; auto = float32, except bf16 for --sizes large on CPUs "
-        "with native bf16 matmuls (default auto; docs/demo.md has the measurements)",
+        help="training and evaluation precision; auto = float32, except bf16 for --sizes large and paper on "
+        "a GPU with bf16 or a CPU with native bf16 matmuls (default auto; docs/demo.md has the measurements)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a demo run made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -10,7 +10,9 @@ immature. With `DemoSizes.base_plateau` set, the base trains in two runs:
 2. `base`: `base_decay_fraction` × those steps more, the learning rate decaying linearly to zero (the cool-down
    of a warmup-stable-decay schedule), from the stable run's weights.
 
-The curve and the stopping reason are written to `eval/base_plateau.json`; with the base's tokens per parameter
+The stable phase saves a checkpoint at every evaluation and its curve so far (`eval/base_plateau.partial.json`):
+a killed run continues from there when the same command is run again. The curve and the stopping reason are
+written to `eval/base_plateau.json`; with the base's tokens per parameter
 and epochs they are reported in results.json → `pretrain.maturity`.
 """
 
@@ -107,13 +109,15 @@ def train_mature_base(
     from moelpr.utils.atomic import atomic_write_json
 
     path = out / "eval" / PLATEAU_FILE
+    partial = path.with_suffix(".partial.json")  # the curve so far, beside the run's checkpoints
     stable = out / "models" / "base_stable"
     if path.is_file() and (stable / "config.json").is_file():
         record = json.loads(path.read_text())
     else:
         import shutil
 
-        shutil.rmtree(stable, ignore_errors=True)  # a stable model without its curve: train it again, measured
+        if (stable / "config.json").is_file():
+            shutil.rmtree(stable)  # a finished stable model without its curve: train it again, measured
         init = out / "models" / "base_init"
         tokenizer, corpora = AutoTokenizer.from_pretrained(init), load_corpora(validation_yaml)
 
@@ -129,9 +133,14 @@ def train_mature_base(
                 precision=precision,
             )
 
-        curve = [curve_point(0, evaluate(AutoModelForCausalLM.from_pretrained(init).eval()))]
+        checkpoints = sorted(int(p.name.split("-")[-1]) for p in (stable / "checkpoints").glob("checkpoint-*"))
+        if checkpoints and partial.is_file():  # a killed run: the trainer resumes from its last checkpoint
+            curve = [p for p in json.loads(partial.read_text()) if p["step"] <= checkpoints[-1]]
+        else:
+            curve = [curve_point(0, evaluate(AutoModelForCausalLM.from_pretrained(init).eval()))]
 
         def logged(point: dict[str, float]) -> None:
+            atomic_write_json(partial, curve)
             log(
                 f"[demo] base (stable lr) step {point['step']:>6}: validation bpb old {point['old_bpb']:.4f} "
                 f"new {point['new_bpb']:.4f} mean {point['score']:.4f}"

@@ -161,6 +161,10 @@ def plans(
                 "model": str(models / "base_init"),
                 "steps": sizes.base_steps,
                 "lr_scheduler_type": "constant_with_warmup",
+                "save_strategy": "steps",  # a checkpoint at every evaluation: a killed run continues
+                "save_steps": sizes.base_eval_every,
+                "save_total_limit": 1,
+                "overwrite": False,
             }
             runs["base"] = {
                 **pretrain,
