@@ -58,7 +58,8 @@ def router_inputs(
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size]
                 width = max(map(len, batch))
-                ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, S)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, S); masked out
                 mask = torch.zeros((len(batch), width), dtype=torch.bool)  # (B, S)
                 for i, w in enumerate(batch):
                     ids[i, : len(w)] = torch.tensor(w)
