@@ -125,3 +125,71 @@ def run_without_moelpr(script: str, args: list[str], cwd: Path, timeout: int = 3
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+TOY_ALPHABETS = {
+    "en": ("old", "abcdefghijklmnop"),
+    "es": ("old", "aeioulmnrstdñ"),
+    "el": ("new", "αβγδεζηθικλμνξοπ"),
+    "ru": ("new", "абвгдежзийклмноп"),
+}
+
+
+def toy_corpora(root: Path, name: str, docs: int, seed: int) -> Path:
+    """A corpora file `root/<name>.yaml` of four made-up languages (old en, es; new el, ru), `docs` one-line
+    documents each; most words are shared, so the layers see some similarity."""
+    import json
+    import random
+
+    import yaml
+
+    entries = []
+    shared = random.Random("shared")
+    common = ["".join(shared.choice("aeiou") for _ in range(shared.randint(2, 4))) for _ in range(40)]
+    for lang, (role, alphabet) in TOY_ALPHABETS.items():
+        rng = random.Random(f"{lang}-{seed}")
+        own = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(40)]
+        lines = [
+            " ".join(rng.choice(common if rng.random() < 0.8 else own) for _ in range(rng.randint(8, 20))) + "."
+            for _ in range(docs)
+        ]
+        path = root / f"{name}_{lang}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), encoding="utf-8")
+        entries.append({"name": f"{name}_{lang}", "path": path.name, "language": lang, "role": role})
+    spec = root / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump(entries, allow_unicode=True), encoding="utf-8")
+    return spec
+
+
+def _demo_sizes(**sizes):
+    from moelpr.demo.settings import DemoSizes
+
+    return DemoSizes(**sizes)
+
+
+# Toy demo sizes: every step of the pipeline runs, in seconds (bf16 is ~8x slower on CPUs without native bf16).
+MICRO = _demo_sizes(
+    vocab_size=300,
+    hidden_size=32,
+    num_layers=2,
+    intermediate_size=64,
+    num_heads=2,
+    cutoff_len=32,
+    batch_size=4,
+    base_steps=15,
+    new_tokens_per_language=600,
+    stage1_steps=2,
+    replay_fraction=0.5,
+    stage2_epochs=1,
+    eval_tokens_per_language=60,
+    eval_batch_size=4,
+    similarity_tokens=200,
+    layermoe_budget=5,
+    lora_rank=2,
+    llama_pro_blocks=1,
+    loramoe_experts=2,
+    loramoe_rank=2,
+    review_scales=(1.0,),
+    gamma_grid=(0.3,),
+    auto_bf16=True,
+)

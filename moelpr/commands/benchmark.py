@@ -3,6 +3,7 @@
     moe-lpr benchmark --model runs/stage2 --suite moelpr-paper --output results/stage2_bench.json
     moe-lpr benchmark --model runs/stage2 --tasks belebele_hun_Latn arc_hu --limit 50 --output smoke.json
     moe-lpr benchmark --model runs/stage2 --tasks my_task --include-path my_tasks/ --output mine.json
+    moe-lpr benchmark --model runs/tr_hu --suite moelpr-paper --old en --new tr,hu --output tr_hu.json
 
 A thin wrapper over stock `lm_eval run --model hf --model_args pretrained=DIR,trust_remote_code=True` with the
 papers' suites included (moelpr/evaluate/harness.py); needs `pip install 'moelpr[eval]'`.
@@ -25,8 +26,12 @@ def _limit(text: str) -> int | float:
 EXAMPLE = "moe-lpr benchmark --model runs/stage2 --suite moelpr-paper --output runs/stage2_bench.json"
 
 
+def _codes(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moelpr.evaluate.harness import SUITES
+    from moelpr.evaluate.harness import NEW_LANGUAGES, OLD_LANGUAGES, SUITES
 
     parser.add_argument("--model", required=True, help="model directory (dense, or a full MoE-LPR checkpoint)")
     parser.add_argument(
@@ -65,6 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--log-samples", action="store_true", help="also store every request and response")
+    parser.add_argument(
+        "--old",
+        type=_codes,
+        default=OLD_LANGUAGES,
+        metavar="CODES",
+        help=f"the model's original languages, averaged as 'old' in the summary (default {','.join(OLD_LANGUAGES)})",
+    )
+    parser.add_argument(
+        "--new",
+        type=_codes,
+        default=NEW_LANGUAGES,
+        metavar="CODES",
+        help=f"the languages added, averaged as 'new' in the summary (default {','.join(NEW_LANGUAGES)})",
+    )
     parser.add_argument("--output", required=True, help="results JSON file to write")
 
 
@@ -85,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         log_samples=args.log_samples,
+        old=args.old,
+        new=args.new,
     )
     record["suite"] = args.suite
     atomic_write_json(args.output, record)

@@ -1,12 +1,10 @@
-"""The demo's multilingual corpus: Debian manual pages rendered to plain-text paragraphs.
+"""The demo's corpora: what the LibreOffice-help and the man-page builders share.
 
-Each language comes from one Debian package (`MANPAGE_SOURCES`). A page is rendered with mandoc (or
-man-db as a fallback), split into paragraphs, filtered (length, code-likeness, language ID restricted
-to the six demo languages) and deduplicated across the whole corpus. Each page is one document, kept
-whole in train or held-out; pages are visited in the order of a seeded hash of their name, the same order
-in every language.
-
-Output directory::
+Two sources of the same kind (`CORPORA`): pages of documentation translated into several languages, each page
+one document. `moelpr.demo.libreoffice` reads the LibreOffice help (the papers' six languages, the same pages in
+every language); `moelpr.demo.manpages` the Debian manual pages. Both keep prose paragraphs (`is_prose`), drop
+those that language identification assigns to another language (`language_identifier`), drop repeated
+paragraphs (`paragraph_key`), split whole pages (`assign_splits`) and write (`write_corpus`)::
 
     train/<lang>.jsonl  validation/<lang>.jsonl  heldout/<lang>.jsonl   {"text": ...} per line, one line per page
     corpora.yaml  validation.yaml  heldout.yaml   corpora files (see docs/design.md, "Corpora"); heldout = test
@@ -15,18 +13,13 @@ Output directory::
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
 import functools
-import gzip
 import hashlib
 import json
-import logging
 import os
 import re
-import shutil
-import subprocess
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,34 +28,10 @@ import yaml
 from moelpr.errors import UserError
 from moelpr.utils.atomic import atomic_output_dir
 
-logger = logging.getLogger(__name__)
-
-MANPAGE_SOURCES: dict[str, tuple[str, str]] = {
-    "en": ("manpages", ""),  # English pages sit directly in /usr/share/man/man*/
-    "es": ("manpages-es", "es"),
-    "zh": ("manpages-zh", "zh_CN"),  # simplified; the package also ships zh_TW
-    "tr": ("manpages-tr", "tr"),
-    "hu": ("manpages-hu", "hu"),
-    "uk": ("manpages-uk", "uk"),
-}
-"""Language code → (Debian package, subdirectory of the man root holding its `man<N>/` sections)."""
-
-SYSTEM_MAN_ROOT = Path("/usr/share/man")
-RENDER_WIDTH = 1000  # mandoc's maximum; wide enough that few paragraphs wrap
-_WRAP_SLACK = 200  # a line this close to RENDER_WIDTH that is followed by text was wrapped
-_INSTALL_HINT = (
-    "run: bash scripts/install_manpages.sh (or: apt-get install manpages manpages-es manpages-zh "
-    "manpages-tr manpages-hu manpages-uk mandoc), or give your own text with --corpora and --heldout"
-)
-
-_OVERSTRIKE = re.compile(".\b")  # bold/underline as "x\bx" / "_\bx"
-# The tag of a tagged paragraph: "-c, --count   Text" → "Text" (not a sentence: "Done.  Next").
-_TAG = re.compile(r"^\S{1,30}(?:,? \S{1,30})?(?<![.!?;。])\s{2,}(?=\S)")
-_COLUMN_GAP = re.compile(r"\S {3,}\S")  # table columns (renderers put at most 2 spaces after a sentence)
-_CODE = re.compile(r"[{}]|;$|==|&&|\|\||->|^#\s*(?:include|define)\b")  # C, shell and Perl snippets
-_CJK = "\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef"
-_CJK_GAP = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")  # roff turns CJK line breaks into spaces
-_STAT_KEYS = (
+CORPORA = ("libreoffice", "manpages")
+"""`moe-lpr demo --corpus` choices; the first is the default."""
+SPLITS = ("train", "validation", "heldout")
+STAT_KEYS = (
     "pages",
     "paragraphs_kept",
     "paragraphs_short_or_code",
@@ -70,138 +39,61 @@ _STAT_KEYS = (
     "paragraphs_duplicate",
 )
 
-
-@dataclasses.dataclass(frozen=True)
-class ManPage:
-    """One man page source file of one language."""
-
-    language: str
-    name: str  # "man1/bash.1": the same for every translation of the page
-    path: Path
+_COLUMN_GAP = re.compile(r"\S {3,}\S")  # table columns (renderers put at most 2 spaces after a sentence)
+_CODE = re.compile(r"[{}]|;$|==|&&|\|\||->|^#\s*(?:include|define)\b")  # C, shell and Perl snippets
+_CJK = "\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef"
+_CJK_GAP = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")  # line breaks inside CJK text become spaces
 
 
-@dataclasses.dataclass
-class PageResult:
-    """Paragraphs kept from one page and why the others were dropped."""
+def corpus_languages(corpus: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(supported languages, default old, default new) of a built-in corpus; a `UserError` for another name."""
+    if corpus == "libreoffice":
+        from moelpr.demo.libreoffice import DEFAULT_NEW, DEFAULT_OLD, HELP_SOURCES
 
-    page: ManPage
-    paragraphs: list[str]
-    stub: bool = False  # a ".so" redirect, not a page
-    short_or_code: int = 0
-    wrong_language: int = 0
+        return tuple(HELP_SOURCES), DEFAULT_OLD, DEFAULT_NEW
+    if corpus == "manpages":
+        from moelpr.demo.manpages import DEFAULT_NEW, DEFAULT_OLD, MANPAGE_SOURCES
 
-
-# --------------------------------------------------------------------------- listing
-
-
-def list_manpages(language: str, man_root: str | os.PathLike | None = None) -> list[ManPage]:
-    """The man pages of `language`, sorted by name.
-
-    Args:
-        language: a key of `MANPAGE_SOURCES`.
-        man_root: a directory laid out like /usr/share/man to walk instead; by default the files come
-            from `dpkg -L <package>`, so English pages are those of `manpages` only.
-    """
-    package, subdir = MANPAGE_SOURCES[language]
-    if man_root is not None:
-        base = Path(man_root) / subdir
-        files = [p for p in base.glob("man*/*") if p.is_file()]
-    else:
-        base = SYSTEM_MAN_ROOT / subdir
-        files = [Path(line) for line in _dpkg_files(package)]
-    pages = {}
-    for path in files:
-        rel = path.relative_to(base) if path.is_relative_to(base) else None
-        # Only base/man<N>/<page>: no other language's tree, no symlinked aliases.
-        if rel is None or len(rel.parts) != 2 or not rel.parts[0].startswith("man") or path.is_symlink():
-            continue
-        if path.is_file():
-            name = f"{rel.parts[0]}/{rel.name.removesuffix('.gz')}"
-            pages[name] = ManPage(language, name, path)
-    if not pages:
-        where = f"under {base}" if man_root is not None else f"(package {package} not installed?)"
-        raise UserError(f"no man pages found for language {language!r} {where}; {_INSTALL_HINT}")
-    return [pages[name] for name in sorted(pages)]
+        return tuple(MANPAGE_SOURCES), DEFAULT_OLD, DEFAULT_NEW
+    raise UserError(f"unknown --corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
 
 
-def _dpkg_files(package: str) -> list[str]:
-    if shutil.which("dpkg") is None:
-        raise UserError(f"dpkg not found, so the files of {package} cannot be listed; pass man_root= instead")
-    proc = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
-    return proc.stdout.splitlines() if proc.returncode == 0 else []
+def check_languages(old: tuple[str, ...], new: tuple[str, ...], supported: Sequence[str]) -> None:
+    """Refuse unknown languages, an empty role, or a language given twice (one-line `UserError`)."""
+    listed = ", ".join(supported)
+    for lang in (*old, *new):
+        if lang not in supported:
+            raise UserError(f"unknown demo language {lang!r}; supported: {listed}")
+    if not old or not new:
+        raise UserError(f"the demo needs at least one old and one new language; supported: {listed}")
+    if set(old) & set(new) or len({*old, *new}) != len(old) + len(new):
+        raise UserError(f"languages must appear once, as old or new (got old={list(old)}, new={list(new)})")
 
 
-# --------------------------------------------------------------------------- rendering
+def check_fractions(heldout_fraction: float, validation_fraction: float) -> None:
+    for name, fraction in (("heldout_fraction", heldout_fraction), ("validation_fraction", validation_fraction)):
+        if not 0 <= fraction < 1:
+            raise UserError(f"{name} must be in [0, 1), got {fraction}")
+    if heldout_fraction + validation_fraction >= 1:
+        raise UserError("heldout_fraction + validation_fraction must leave training text (sum below 1)")
 
 
-def find_renderer(renderer: str | None = None) -> str:
-    """Pick "mandoc" (fast, no hyphenation or justification) or else "man" (man-db + groff)."""
-    available = [r for r in ("mandoc", "man") if shutil.which(r)]
-    if renderer is None and available:
-        return available[0]
-    if renderer in available:
-        return renderer
-    if renderer not in (None, "mandoc", "man"):
-        raise UserError(f"unknown renderer {renderer!r}; choose mandoc or man")
-    raise UserError(f"man page renderer {renderer or 'mandoc/man'} not found; {_INSTALL_HINT}")
+# --------------------------------------------------------------------------- paragraphs
 
 
-def render(source: bytes, renderer: str) -> str:
-    """Render roff man-page source to plain UTF-8 text, one filled paragraph per line where possible."""
-    if renderer == "mandoc":
-        cmd, env = ["mandoc", "-Tutf8", f"-Owidth={RENDER_WIDTH}"], None
-    else:  # man-db honours MANWIDTH only in its nroff mode, so no -T here
-        cmd = ["man", "-l", "--no-hyphenation", "--no-justification", "-"]
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "MANWIDTH": str(RENDER_WIDTH), "MAN_DISABLE_SECCOMP": "1"}
-        env.pop("MAN_KEEP_FORMATTING", None)
-    try:
-        proc = subprocess.run(cmd, input=source, capture_output=True, env=env, timeout=120)
-    except subprocess.TimeoutExpired:
-        logger.warning("%s timed out on a page; skipping it", renderer)
-        return ""
-    return _OVERSTRIKE.sub("", proc.stdout.decode("utf-8", errors="replace"))
-
-
-def _display_width(line: str) -> int:
+def display_width(line: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
 
 
-def extract_paragraphs(rendered: str) -> list[str]:
-    """Paragraphs of rendered text: wrapped lines joined; headings, page header and footer dropped.
-
-    Inner spacing is kept (table columns show as wide gaps); `clean` normalises it.
-    """
-    lines = [line.rstrip() for line in rendered.splitlines()]
-    text_rows = [i for i, line in enumerate(lines) if line]
-    if len(text_rows) < 3:
-        return []
-    paragraphs: list[str] = []
-    current: list[str] = []
-    wrapped = False
-    for line in lines[text_rows[0] + 1 : text_rows[-1]]:  # without the page header and footer
-        if not wrapped and current:
-            paragraphs.append(" ".join(current))
-            current = []
-        if not line or not line[0].isspace():  # blank, or a section heading
-            wrapped = False
-            continue
-        current.append(line.strip() if current else _TAG.sub("", line.strip()))
-        near_full = 2 * len(line) >= RENDER_WIDTH - _WRAP_SLACK  # cheap bound: width <= 2 * len
-        wrapped = near_full and _display_width(line) >= RENDER_WIDTH - _WRAP_SLACK
-    if current:
-        paragraphs.append(" ".join(current))
-    return paragraphs
-
-
 def clean(paragraph: str) -> str:
-    """Single spaces, none between two CJK characters (roff turns CJK line breaks into spaces)."""
+    """Single spaces, none between two CJK characters (roff and HTML turn CJK line breaks into spaces)."""
     return _CJK_GAP.sub("", " ".join(paragraph.split()))
 
 
 def is_prose(paragraph: str, min_chars: int = 40) -> bool:
     """Long enough and mostly letters, not a table row: drops synopses, option lists, code, tables."""
     text = clean(paragraph)
-    if len(text) < min_chars and _display_width(text) < min_chars:  # a CJK character counts 2 columns
+    if len(text) < min_chars and display_width(text) < min_chars:  # a CJK character counts 2
         return False
     table_row = len(paragraph) < 200 and _COLUMN_GAP.search(paragraph)  # long prose may hold odd gaps
     if "\ufffd" in paragraph or table_row or _CODE.search(paragraph):
@@ -210,101 +102,63 @@ def is_prose(paragraph: str, min_chars: int = 40) -> bool:
     return sum(c.isalpha() for c in visible) >= 0.7 * len(visible)
 
 
-# --------------------------------------------------------------------------- one page (worker)
-
-
-@functools.lru_cache(maxsize=1)  # one per worker process
-def _language_identifier() -> Any:
+@functools.lru_cache(maxsize=2)  # one per worker process and corpus
+def language_identifier(languages: tuple[str, ...]) -> Any:
+    """py3langid restricted to `languages` (only the corpus's languages compete)."""
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     identifier = LanguageIdentifier.from_model_file(MODEL_FILE)
-    identifier.set_languages(sorted(MANPAGE_SOURCES))  # only the demo languages compete
+    identifier.set_languages(sorted(languages))
     return identifier
 
 
-def process_page(page: ManPage, renderer: str, min_chars: int = 40) -> PageResult:
-    """Render one page and keep its prose paragraphs that language ID assigns to the page's language."""
-    raw = page.path.read_bytes()
-    source = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    if source.lstrip().startswith(b".so "):
-        return PageResult(page, [], stub=True)
-    result = PageResult(page, [])
-    identifier = _language_identifier()
-    for paragraph in extract_paragraphs(render(source, renderer)):
-        if not is_prose(paragraph, min_chars):
-            result.short_or_code += 1
-            continue
-        paragraph = clean(paragraph)
-        if identifier.classify(paragraph)[0] != page.language:
-            result.wrong_language += 1
-        else:
-            result.paragraphs.append(paragraph)
-    return result
+def paragraph_key(paragraph: str) -> bytes:
+    """The identity of a paragraph for deduplication: its NFKC, case-folded, space-normalised text."""
+    normal = " ".join(unicodedata.normalize("NFKC", paragraph).casefold().split())
+    return hashlib.sha1(normal.encode()).digest()
 
 
-def _process_all(pages: list[ManPage], renderer: str, min_chars: int, workers: int) -> list[PageResult]:
-    if workers <= 1:
-        return [process_page(p, renderer, min_chars) for p in pages]
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(process_page, pages, [renderer] * len(pages), [min_chars] * len(pages), chunksize=4))
+# --------------------------------------------------------------------------- splits
 
 
-# --------------------------------------------------------------------------- corpus
-
-
-def _unit_hash(text: str) -> float:
+def unit_hash(text: str) -> float:
     """A deterministic number in [0, 1) from `text`."""
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16) / 16**15
 
 
-def _normalise(paragraph: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", paragraph).casefold().split())
-
-
-def check_languages(old: tuple[str, ...], new: tuple[str, ...]) -> None:
-    """Refuse unknown man-page languages, an empty role, or a language given twice (one-line `UserError`)."""
-    supported = ", ".join(MANPAGE_SOURCES)
-    for lang in (*old, *new):
-        if lang not in MANPAGE_SOURCES:
-            raise UserError(f"unknown demo language {lang!r}; supported: {supported}")
-    if not old or not new:
-        raise UserError(f"the demo needs at least one old and one new language; supported: {supported}")
-    if set(old) & set(new) or len({*old, *new}) != len(old) + len(new):
-        raise UserError(f"languages must appear once, as old or new (got old={list(old)}, new={list(new)})")
-
-
-def _split(
-    docs: list[tuple[str, str]], heldout_fraction: float, validation_fraction: float, seed: int
+def assign_splits(
+    sizes: Sequence[tuple[str, int]], heldout_fraction: float, validation_fraction: float, seed: int
 ) -> dict[str, list[str]]:
-    """Train, validation and held-out (test) texts of (page name, text) documents.
+    """Page names by split ("heldout" = test, "validation", "train"), from (page name, size) pairs.
 
-    Documents are visited in the order of a seeded hash of their page name (the same order in every
-    language). The test split takes them while they fit in `heldout_fraction` of the characters, then the
-    validation split while they fit in `validation_fraction`, so a few huge pages cannot unbalance a split
-    and the test pages do not depend on `validation_fraction`. Every requested split gets at least one
-    document when there are enough, and train keeps at least one.
+    Pages are visited in the order of a seeded hash of their name. The test split takes them while they fit in
+    `heldout_fraction` of the total size, then the validation split while they fit in `validation_fraction`, so
+    a few huge pages cannot unbalance a split and the test pages do not depend on `validation_fraction`. Every
+    requested split gets at least one page when there are enough, and train keeps at least one. Each split
+    lists its pages in that hashed order.
     """
-    ranked = sorted(docs, key=lambda d: _unit_hash(f"split:{seed}:{d[0]}"))
-    total = sum(len(t) for _, t in ranked)
+    ranked = sorted(sizes, key=lambda d: unit_hash(f"split:{seed}:{d[0]}"))
+    size = dict(sizes)
+    total = sum(size.values())
     splits: dict[str, list[str]] = {"heldout": [], "validation": [], "train": []}
-    rest = [text for _, text in ranked]
-    for name, fraction in (("heldout", heldout_fraction), ("validation", validation_fraction)):
+    rest = [name for name, _ in ranked]
+    for split, fraction in (("heldout", heldout_fraction), ("validation", validation_fraction)):
         budget, left = fraction * total, []
-        for text in rest:
-            fits = len(text) <= budget
-            (splits[name] if fits else left).append(text)
-            budget -= len(text) if fits else 0
-        if fraction > 0 and not splits[name] and len(left) >= 2:
-            splits[name].append(left.pop(0))
+        for name in rest:
+            fits = size[name] <= budget
+            (splits[split] if fits else left).append(name)
+            budget -= size[name] if fits else 0
+        if fraction > 0 and not splits[split] and len(left) >= 2:
+            splits[split].append(left.pop(0))
         rest = left
     splits["train"] = rest
-    for name in ("validation", "heldout"):
-        if not splits["train"] and len(splits[name]) >= 2:
-            splits["train"].append(splits[name].pop())
+    for split in ("validation", "heldout"):
+        if not splits["train"] and len(splits[split]) >= 2:
+            splits["train"].append(splits[split].pop())
     return splits
 
 
-def _cap(texts: list[str], max_chars: int | None) -> list[str]:
+def cap(texts: list[str], max_chars: int | None) -> list[str]:
     """The first documents up to `max_chars` characters, the last one cut at a paragraph boundary."""
     if max_chars is None:
         return texts
@@ -318,141 +172,63 @@ def _cap(texts: list[str], max_chars: int | None) -> list[str]:
     return kept
 
 
-def _dedup_into_docs(results: list[PageResult]) -> tuple[dict[str, list[tuple[str, str]]], dict[str, dict]]:
-    """(page name, text) documents per language, each paragraph kept at its first occurrence only."""
-    seen: set[str] = set()
-    docs: dict[str, list[tuple[str, str]]] = {}
-    stats: dict[str, dict] = {}
-    for r in results:  # languages as given, pages by name: first occurrences are deterministic
-        lang = r.page.language
-        s = stats.setdefault(lang, {"package": MANPAGE_SOURCES[lang][0], **dict.fromkeys(_STAT_KEYS, 0)})
-        s["pages"] += not r.stub
-        s["paragraphs_short_or_code"] += r.short_or_code
-        s["paragraphs_wrong_language"] += r.wrong_language
-        kept = []
-        for paragraph in r.paragraphs:
-            key = hashlib.sha1(_normalise(paragraph).encode()).digest()
-            if key not in seen:
-                seen.add(key)
-                kept.append(paragraph)
-        s["paragraphs_duplicate"] += len(r.paragraphs) - len(kept)
-        s["paragraphs_kept"] += len(kept)
-        docs.setdefault(lang, [])
-        if kept:
-            docs[lang].append((r.page.name, "\n\n".join(kept)))
-    return docs, stats
+# --------------------------------------------------------------------------- output
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> None:
+def write_jsonl(path: Path, texts: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
 
 
-def _corpora_entry(lang: str, split: str, role: str) -> dict[str, str]:
-    suffix = "" if split == "train" else f"_{split}"
-    # Relative paths resolve against the corpora file's directory, so the output can be moved.
-    return {
-        "name": f"manpages_{lang}{suffix}",
-        "path": f"{split}/{lang}.jsonl",
-        "language": lang,
-        "role": role,
-        "text_field": "text",
-    }
-
-
-def build_manpage_corpus(
+def write_corpus(
     out_dir: str | os.PathLike,
+    docs: dict[str, dict[str, list[str]]],
     *,
-    languages_old: tuple[str, ...] = ("en", "es", "zh"),
-    languages_new: tuple[str, ...] = ("tr", "hu", "uk"),
-    heldout_fraction: float = 0.1,
-    validation_fraction: float = 0.0,
-    max_docs_per_language: int | None = None,
-    max_chars_per_language: int | None = None,
-    seed: int = 0,
-    min_chars: int = 40,
-    man_root: str | os.PathLike | None = None,
-    renderer: str | None = None,
-    workers: int | None = None,
-    overwrite: bool = False,
+    old: Sequence[str],
+    prefix: str,
+    stats: dict[str, dict[str, Any]],
+    summary: dict[str, Any],
+    with_validation: bool,
+    overwrite: bool,
 ) -> Path:
-    """Build the demo corpus from installed Debian man pages and return the path of `corpora.yaml`.
+    """Write the corpus directory of the module docstring (atomically) and return the path of `corpora.yaml`.
 
     Args:
-        out_dir: output directory, written atomically.
-        languages_old: the original languages (role "old"); codes from `MANPAGE_SOURCES`.
-        languages_new: the languages to add (role "new").
-        heldout_fraction: share of the characters held out for the test evaluation, as whole pages.
-        validation_fraction: share of the characters held out for validation (where settings are chosen),
-            as whole pages disjoint from the test pages; 0 writes no validation split.
-        max_docs_per_language: render at most this many pages per language (a seeded hash sample).
-        max_chars_per_language: cap on training characters per language (held-out and validation: this ×
-            their ratio to train); None keeps everything.
-        seed: seeds the page sample and the train/held-out split.
-        min_chars: narrower paragraphs are dropped (display columns: a CJK character counts 2).
-        man_root: a tree laid out like /usr/share/man to read instead of the installed packages.
-        renderer: "mandoc" or "man"; default: mandoc when installed.
-        workers: rendering processes; default: all CPU cores.
-        overwrite: replace an existing non-empty `out_dir`.
+        docs: language → split → the documents' texts, in order; every language needs training text.
+        old: the languages of role "old" (the others are "new").
+        prefix: the corpora entries' name prefix (the source).
+        stats: per-language counts; the documents and characters of each split are added (and of all of them,
+            unless given).
+        summary: written to corpus_stats.json beside `languages` (the stats).
+        with_validation: write validation.yaml.
     """
-    old, new = tuple(languages_old), tuple(languages_new)
-    check_languages(old, new)
-    for name, fraction in (("heldout_fraction", heldout_fraction), ("validation_fraction", validation_fraction)):
-        if not 0 <= fraction < 1:
-            raise UserError(f"{name} must be in [0, 1), got {fraction}")
-    if heldout_fraction + validation_fraction >= 1:
-        raise UserError("heldout_fraction + validation_fraction must leave training text (sum below 1)")
-    renderer = find_renderer(renderer)
-    pages: list[ManPage] = []
-    for lang in (*old, *new):
-        found = list_manpages(lang, man_root)
-        if max_docs_per_language is not None:
-            found = sorted(found, key=lambda p: _unit_hash(f"sample:{seed}:{p.name}"))[:max_docs_per_language]
-        pages += sorted(found, key=lambda p: p.name)
-    logger.info("rendering %d man pages with %s", len(pages), renderer)
-    results = _process_all(pages, renderer, min_chars, workers or os.cpu_count() or 1)
-    docs, stats = _dedup_into_docs(results)
-
-    cap = max_chars_per_language
-    train_fraction = 1 - heldout_fraction - validation_fraction
-    caps = {
-        split: None if cap is None else int(cap * fraction / train_fraction)
-        for split, fraction in (
-            ("train", train_fraction),
-            ("validation", validation_fraction),
-            ("heldout", heldout_fraction),
-        )
-    }
-    entries: dict[str, list[dict]] = {"train": [], "validation": [], "heldout": []}
+    entries: dict[str, list[dict]] = {split: [] for split in SPLITS}
     final = Path(out_dir)
     with atomic_output_dir(final, overwrite=overwrite) as tmp:
-        for lang, lang_docs in docs.items():
-            if not lang_docs:
-                raise UserError(f"no usable text in the {lang!r} man pages; reinstall {MANPAGE_SOURCES[lang][0]}")
-            splits = {
-                split: _cap(texts, caps[split])
-                for split, texts in _split(lang_docs, heldout_fraction, validation_fraction, seed).items()
-            }
-            if not splits["train"]:
-                raise UserError(f"max_chars_per_language={cap} leaves no {lang!r} text; raise it")
+        for lang, splits in docs.items():
             s = stats[lang]
-            s["docs"], s["chars"] = len(lang_docs), sum(len(t) for _, t in lang_docs)
-            for split, texts in splits.items():
+            s.setdefault("docs", sum(len(texts) for texts in splits.values()))
+            s.setdefault("chars", sum(len(t) for texts in splits.values() for t in texts))
+            for split in SPLITS:
+                texts = splits.get(split, [])
                 s[f"{split}_docs"], s[f"{split}_chars"] = len(texts), sum(map(len, texts))
                 if texts:  # validation and held-out entries only where there is such text
-                    _write_jsonl(tmp / split / f"{lang}.jsonl", texts)
-                    entries[split].append(_corpora_entry(lang, split, "old" if lang in old else "new"))
+                    write_jsonl(tmp / split / f"{lang}.jsonl", texts)
+                    suffix = "" if split == "train" else f"_{split}"
+                    entries[split].append(
+                        {  # relative paths resolve against the corpora file's directory: the output can move
+                            "name": f"{prefix}_{lang}{suffix}",
+                            "path": f"{split}/{lang}.jsonl",
+                            "language": lang,
+                            "role": "old" if lang in old else "new",
+                            "text_column": "text",
+                        }
+                    )
         files = [("train", "corpora.yaml"), ("heldout", "heldout.yaml")]
-        files += [("validation", "validation.yaml")] if validation_fraction > 0 else []
+        files += [("validation", "validation.yaml")] if with_validation else []
         for split, file in files:
             (tmp / file).write_text(yaml.safe_dump(entries[split], sort_keys=False, allow_unicode=True))
-        summary = {
-            "renderer": renderer,
-            "seed": seed,
-            "heldout_fraction": heldout_fraction,
-            "validation_fraction": validation_fraction,
-            "languages": stats,
-        }
-        (tmp / "corpus_stats.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        record = {**summary, "languages": stats}
+        (tmp / "corpus_stats.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return final / "corpora.yaml"

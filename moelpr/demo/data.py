@@ -125,7 +125,7 @@ def take_tokens(corpora: list[Corpus], tokenizer: Any, budget: int) -> tuple[lis
 
 
 def _entry(lang: str, rel: str, role: str, name: str) -> dict[str, str]:
-    return {"name": name, "path": rel, "language": lang, "role": role, "text_field": "text"}
+    return {"name": name, "path": rel, "language": lang, "role": role, "text_column": "text"}
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> None:

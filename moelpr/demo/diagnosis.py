@@ -56,6 +56,7 @@ def _embedding_section(results: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
     ]
     lines += [f"| {n} | {'yes' if n in TRAINS_EMBEDDINGS else 'no'} | {test[n]:.0%} | {val[n]:.0%} |" for n in rows]
+    share = results["pretrain"].get("embedding_share") or embedding_share(results["settings"]["sizes"])
     frozen = [test[n] for n in rows if n not in TRAINS_EMBEDDINGS]
     trained = [test[n] for n in rows if n in TRAINS_EMBEDDINGS and n != "full"]
     lines += [
@@ -63,12 +64,24 @@ def _embedding_section(results: dict[str, Any]) -> list[str]:
         f"Every row that keeps the embeddings and the LM head frozen gains at most {max(frozen):.0%} of full "
         "fine-tuning's new-language bits per byte"
         + (f"; the one-stage MoE, which trains them, gains {min(trained):.0%}" if trained else "")
-        + f". At this size the embeddings and the LM head are {embedding_share(results['settings']['sizes']):.0%} of "
+        + f". At this size the embeddings and the LM head are {share:.0%} of "
         "the base's parameters, and the new-language tokens' "
         "rows were trained on the few per cent of new-language text the base saw: full fine-tuning's lead "
         "comes from retraining them (docs/demo.md, reading (c)).",
         "",
     ]
+    parts = {p["frozen"]: p["validation"] for p in results["sweeps"].get("embeddings", [])}
+    base_new = _avg(results["methods"]["base"]["validation"], "bpb", "new")
+    if parts and base_new > _avg(results["methods"]["full"]["validation"], "bpb", "new"):
+        base = _avg(results["methods"]["base"]["validation"], "bpb", "new")
+        drop = base - _avg(results["methods"]["full"]["validation"], "bpb", "new")
+        share = {part: (base - _avg(res, "bpb", "new")) / drop for part, res in parts.items()}
+        lines += [
+            "Full fine-tuning with a part frozen (validation): with the embeddings and the LM head frozen it gains "
+            f"{share.get('embeddings', float('nan')):.0%} of full fine-tuning's new-language bits per byte; with "
+            f"only them trained, {share.get('rest', float('nan')):.0%}.",
+            "",
+        ]
     return lines
 
 

@@ -38,7 +38,7 @@ def _windows(tokenizer, texts: Sequence[str], max_tokens: int, length: int) -> l
 def router_inputs(
     model, tokenizer, texts: dict[str, Sequence[str]], *, max_tokens: int, context_len: int, batch_size: int = 16
 ) -> dict[str, list[torch.Tensor]]:
-    """Per language, the MLP inputs `(n, H)` of every decoder layer (float32), in window order.
+    """Per language, the MLP inputs `(n, H)` of every decoder layer (float32, on the CPU), in window order.
 
     Works on a dense model and on an MoE-LPR model alike: the hooks sit on each decoder layer's `mlp`.
     """
@@ -50,6 +50,7 @@ def router_inputs(
         layer.mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach())) for layer in layers
     ]
     out: dict[str, list[list[torch.Tensor]]] = {}
+    device = next(model.parameters()).device
     try:
         for lang, docs in texts.items():
             windows = _windows(tokenizer, docs, max_tokens, context_len)
@@ -57,15 +58,17 @@ def router_inputs(
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size]
                 width = max(map(len, batch))
-                ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, S)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, S); masked out
                 mask = torch.zeros((len(batch), width), dtype=torch.bool)  # (B, S)
                 for i, w in enumerate(batch):
                     ids[i, : len(w)] = torch.tensor(w)
                     mask[i, : len(w)] = True
                 captured.clear()
+                ids, mask = ids.to(device), mask.to(device)
                 model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
                 for layer, x in enumerate(captured):
-                    per_layer[layer].append(x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float())  # (n, H)
+                    per_layer[layer].append(x.reshape(-1, x.shape[-1])[mask.reshape(-1)].float().cpu())  # (n, H)
             out[lang] = per_layer
     finally:
         for hook in hooks:

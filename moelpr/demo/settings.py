@@ -40,10 +40,18 @@ class DemoSizes:
     intermediate_size: int = 384
     num_heads: int = 4
     cutoff_len: int = 128  # training block = the model's context = the evaluation window
-    batch_size: int = 16  # blocks per optimiser step, every run
+    batch_size: int = 16  # blocks per micro-batch; blocks per optimiser step = this × gradient_accumulation
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False  # recompute activations in backward (real models on a GPU)
     base_new_share: float = 0.03
-    base_steps: int = 400
+    base_steps: int = 400  # with base_plateau: the most steps of the stable phase
     base_lr: float = 3e-3
+    # a base trained to maturity (moelpr.demo.maturity): at a constant rate until the last fifth of the steps
+    # improves the validation score by less than `base_plateau` (evaluated every `base_eval_every` steps), then
+    # `base_decay_fraction` × those steps with the rate decaying to 0; None: one cosine schedule of base_steps
+    base_plateau: float | None = None
+    base_eval_every: int = 250
+    base_decay_fraction: float = 0.1
     # new-language data: tokens per new language in the stage-1 mix (documents in file order, last one cut)
     new_tokens_per_language: int = 80_000
     # the comparison
@@ -59,6 +67,7 @@ class DemoSizes:
     replay_fraction: float = 0.01
     stage2_epochs: int = 4  # 14 steps, 12 % of stage 1's
     stage2_lr: float = 3e-2  # routers only (0.06 % of the weights)
+    stage2_cutoff_len: int | None = None  # stage 2's training block (the paper: 512 against stage 1's 1,024)
     # the LPR coefficients stage 2 is trained with, each from the same stage-1 model: MoE-LPR (and LayerMoE and
     # the w/o-Expert-Copy ablation, which share its stage 2) takes the smallest whose validation old-language ppl
     # is within 5 % of the base's, chosen in the run (`choose_gamma`; the rule of docs/demo.md); one value = fixed
@@ -106,8 +115,40 @@ QUICK = DemoSizes(
 """The CI smoke run: the same pipeline at toy sizes; its numbers show that everything runs, not the paper's claims."""
 LARGE = dataclasses.replace(FULL, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4, auto_bf16=True)
 """About 5x the default's non-embedding parameters: does the gap to the paper shrink with scale? (docs/demo.md)."""
-SIZES = {"default": FULL, "large": LARGE, "quick": QUICK}
+MATURE = dataclasses.replace(FULL, base_steps=6000, base_plateau=0.01)
+"""The base-maturity test of reading (c): the default comparison from a base pretrained until its validation
+score plateaus (moelpr.demo.maturity; docs/demo.md, "A mature base"); at most about an hour on 2 cores."""
+PAPER = DemoSizes(
+    vocab_size=0,  # the model's tokenizer
+    cutoff_len=1024,
+    stage2_cutoff_len=512,
+    batch_size=8,
+    gradient_accumulation=8,
+    gradient_checkpointing=True,
+    base_new_share=0.0,
+    new_tokens_per_language=0,  # from --tokens
+    stage1_steps=0,  # from --tokens
+    lr=5e-5,
+    num_experts=6,
+    top_k=2,
+    replay_fraction=0.00575,
+    stage2_epochs=1,
+    stage2_lr=5e-5,
+    similarity_tokens=100_000,
+    eval_tokens_per_language=50_000,
+    eval_batch_size=8,
+    auto_bf16=True,
+)
+"""The papers' regime for a pretrained model (`--base DIR --sizes paper --tokens N`; moelpr.demo.pretrained)."""
+SIZES = {"default": FULL, "large": LARGE, "quick": QUICK, "mature": MATURE, "paper": PAPER}
 """The presets `--sizes` picks from (`--quick` = `--sizes quick`)."""
+
+
+def gpu_has_bf16() -> bool:
+    """True where a CUDA GPU with bf16 support is visible."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -120,12 +161,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, sizes: DemoSizes) -> str:
-    """The precision to run: `auto` is bf16 where the sizes ask for it (`auto_bf16`) and the CPU has native bf16
-    (`cpu_has_native_bf16`), else fp32."""
+    """The precision to run: `auto` is bf16 where the sizes ask for it (`auto_bf16`) and the GPU or the CPU has
+    native bf16 (`gpu_has_bf16`, `cpu_has_native_bf16`), else fp32."""
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
     if precision == "auto":
-        return "bf16" if sizes.auto_bf16 and cpu_has_native_bf16() else "fp32"
+        return "bf16" if sizes.auto_bf16 and (gpu_has_bf16() or cpu_has_native_bf16()) else "fp32"
     return precision
 
 
@@ -144,18 +185,24 @@ def settings_record(
     precision: str,
     languages: dict[str, list[str]],
     corpora: dict[str, str] | None,
+    corpus: str | None = None,
+    base: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """What makes a run: compared on every rerun in the same output directory.
 
     Args:
-        corpora: the user's corpora files by split (train, validation, heldout), None for the man pages.
+        corpora: the user's corpora files by split (train, validation, heldout), None for a built-in corpus.
+        corpus: the built-in corpus (`libreoffice`, `manpages`), None with `corpora`.
+        base: the user's pretrained model directory (`--base`), None for the base trained here.
     """
     return {
         "preset": preset,
         "seed": seed,
         "precision": precision,
         "languages": languages,
+        "corpus": corpus,
         "corpora": None if corpora is None else {split: os.path.abspath(p) for split, p in corpora.items()},
+        "base": None if base is None else os.path.abspath(base),
         "sizes": json.loads(json.dumps(dataclasses.asdict(sizes))),  # tuples as JSON lists, as reread
     }
 

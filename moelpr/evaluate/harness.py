@@ -17,7 +17,9 @@ documents without that duplicate. The papers' suites are multiple-choice tasks, 
 
 The suites (YAML groups in `moelpr/evaluate/tasks/`, see `PAPER_BENCHMARKS`) follow docs/method.md §5:
 ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU 5-shot and Belebele 5-shot for en/zh/es (old) and
-el/hu/tr (new), using the Okapi translations lm-eval ships. lm-eval has no Okapi task for ARC el/tr,
+el/hu/tr (new), using the Okapi translations lm-eval ships. The summary's old and new averages are over the
+run's own languages (`moe-lpr benchmark --old/--new`, the papers' by default), so a Turkish + Hungarian run's
+"new" average does not include Greek. lm-eval has no Okapi task for ARC el/tr,
 HellaSwag zh/el/tr and MMLU el/tr; `moelpr_substitutes` offers other translations for some of them.
 FLORES: lm-eval 0.4.13 has no FLORES task for en↔zh/el/hu/tr and no COMET metric (the papers' 8-shot
 FLORES-101 scored with COMET), so translation is not part of the suites.
@@ -111,27 +113,49 @@ def suite_tasks(suites: Sequence[str] = (), tasks: Sequence[str] = ()) -> list[s
     return list(dict.fromkeys(names))
 
 
-def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict:
+METRICS = ("acc_norm", "acc", "exact_match", "f1", "bits_per_byte")
+"""The metric read from a task whose benchmark names none: the first of these lm-eval reports for it."""
+
+
+def summarize(
+    results: Mapping[str, Mapping[str, Any]],
+    *,
+    old: Sequence[str] = OLD_LANGUAGES,
+    new: Sequence[str] = NEW_LANGUAGES,
+    benchmarks: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict:
     """The papers' view of lm-eval `results["results"]`: score per benchmark and language, old/new averages.
 
-    Scores are the metric of `PAPER_BENCHMARKS` (accuracy in [0, 1]). `avg[role][benchmark]` is the mean over
-    that role's languages present in `results`; `avg[role]["all"]` the mean of those benchmark means (the
-    papers' "Original"/"Expanded" columns, here over the languages lm-eval covers).
+    Args:
+        results: lm-eval's per-task results.
+        old / new: the run's languages; a role's averages are over these only (default: the papers').
+        benchmarks: benchmark → {"metric": name or None, "tasks": {language: task}} (default `PAPER_BENCHMARKS`);
+            a None metric is the first of `METRICS` the task reports.
+
+    Scores are in the metric's units (accuracy in [0, 1]). `avg[role][benchmark]` is the mean over that role's
+    languages present in `results`; `avg[role]["all"]` the mean of those benchmark means (the papers'
+    "Original"/"Expanded" columns, here over the languages lm-eval covers).
     """
+    specs = PAPER_BENCHMARKS if benchmarks is None else benchmarks
+
+    def score(task: str, metric: str | None) -> float | None:
+        found = results.get(task, {})
+        names = [metric] if metric else [m for m in METRICS if f"{m},none" in found][:1]
+        value = found.get(f"{names[0]},none") if names else None
+        return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
 
     def table(mapping: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for bench, by_lang in mapping.items():
-            metric = PAPER_BENCHMARKS[bench]["metric"]
             for lang, task in by_lang.items():
-                value = results.get(task, {}).get(f"{metric},none")
-                if isinstance(value, (int, float)) and not math.isnan(value):
-                    out.setdefault(bench, {})[lang] = float(value)
+                value = score(task, specs.get(bench, PAPER_BENCHMARKS.get(bench, {})).get("metric"))
+                if value is not None:
+                    out.setdefault(bench, {})[lang] = value
         return out
 
-    scores = table({b: spec["tasks"] for b, spec in PAPER_BENCHMARKS.items()})
+    scores = table({b: spec["tasks"] for b, spec in specs.items()})
     avg: dict[str, dict[str, float]] = {}
-    for role, langs in (("old", OLD_LANGUAGES), ("new", NEW_LANGUAGES)):
+    for role, langs in (("old", old), ("new", new)):
         means = {}
         for bench, by_lang in scores.items():
             values = [by_lang[lang] for lang in langs if lang in by_lang]
@@ -141,11 +165,23 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict:
             means["all"] = sum(means.values()) / len(means)
         avg[role] = means
     return {
+        "languages": {"old": list(old), "new": list(new)},
         "scores": scores,
         "avg": avg,
-        "substitutes": table(SUBSTITUTES),
-        "metrics": {b: spec["metric"] for b, spec in PAPER_BENCHMARKS.items()},
+        "substitutes": table(SUBSTITUTES) if benchmarks is None else {},
+        "metrics": {b: spec.get("metric") for b, spec in specs.items()},
     }
+
+
+def language_benchmarks(tasks: Sequence[str], languages: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Benchmarks of tasks named `<benchmark>_<language>` for the given languages (other names are left out):
+    {"metric": None, "tasks": {language: task}} per benchmark, for `summarize`."""
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        bench, _, lang = task.rpartition("_")
+        if bench and lang in languages:
+            out.setdefault(bench, {"metric": None, "tasks": {}})["tasks"][lang] = task
+    return out
 
 
 def run_benchmark(
@@ -161,6 +197,9 @@ def run_benchmark(
     include_defaults: bool = True,
     log_samples: bool = False,
     bootstrap_iters: int = 100000,
+    old: Sequence[str] = OLD_LANGUAGES,
+    new: Sequence[str] = NEW_LANGUAGES,
+    benchmarks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict:
     """Run lm-eval `tasks` (task or group names) on the model in `model_dir` with lm-eval's stock `hf` model.
 
@@ -170,6 +209,7 @@ def run_benchmark(
         num_fewshot: override every task's shots (the suites set the papers' shots themselves).
         include_defaults: index lm-eval's built-in tasks (False only for self-contained local tasks).
         bootstrap_iters: resamples for lm-eval's standard errors (0: none).
+        old / new / benchmarks: the run's languages and benchmarks for the summary (see `summarize`).
         device / dtype / batch_size: lm-eval's `hf` model arguments (device default: cuda when available).
 
     Returns:
@@ -223,6 +263,6 @@ def run_benchmark(
             for key in ("results", "groups", "group_subtasks", "n-shot", "versions", "config", "samples")
             if key in out
         },
-        "summary": summarize(out["results"]),
+        "summary": summarize(out["results"], old=old, new=new, benchmarks=benchmarks),
     }
     return json.loads(json.dumps(record, default=handle_non_serializable))

@@ -4,68 +4,12 @@ run in test_demo_run.py takes float32, `auto` at its sizes), so CI runs the bf16
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
-import yaml
+from tiny import MICRO, toy_corpora
 
 from moelpr.demo import run as demo_run
 from moelpr.demo import settings
-from moelpr.demo.settings import DemoSizes
-
-# Toy sizes: every step of the pipeline runs, in seconds (bf16 is ~8x slower on CPUs without native bf16).
-MICRO = DemoSizes(
-    vocab_size=300,
-    hidden_size=32,
-    num_layers=2,
-    intermediate_size=64,
-    num_heads=2,
-    cutoff_len=32,
-    batch_size=4,
-    base_steps=15,
-    new_tokens_per_language=600,
-    stage1_steps=2,
-    replay_fraction=0.5,
-    stage2_epochs=1,
-    eval_tokens_per_language=60,
-    eval_batch_size=4,
-    similarity_tokens=200,
-    layermoe_budget=5,
-    lora_rank=2,
-    llama_pro_blocks=1,
-    loramoe_experts=2,
-    loramoe_rank=2,
-    review_scales=(1.0,),
-    gamma_grid=(0.3,),
-    auto_bf16=True,
-)
-ALPHABETS = {
-    "en": ("old", "abcdefghijklmnop"),
-    "es": ("old", "aeioulmnrstdñ"),
-    "el": ("new", "αβγδεζηθικλμνξοπ"),
-    "ru": ("new", "абвгдежзийклмноп"),
-}
-
-
-def _corpora(root: Path, name: str, docs: int, seed: int) -> Path:
-    """Four made-up languages; most words are shared, so the layers see some similarity."""
-    entries = []
-    shared = random.Random("shared")
-    common = ["".join(shared.choice("aeiou") for _ in range(shared.randint(2, 4))) for _ in range(40)]
-    for lang, (role, alphabet) in ALPHABETS.items():
-        rng = random.Random(f"{lang}-{seed}")
-        own = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(40)]
-        lines = [
-            " ".join(rng.choice(common if rng.random() < 0.8 else own) for _ in range(rng.randint(8, 20))) + "."
-            for _ in range(docs)
-        ]
-        path = root / f"{name}_{lang}.jsonl"
-        path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), encoding="utf-8")
-        entries.append({"name": f"{name}_{lang}", "path": path.name, "language": lang, "role": role})
-    spec = root / f"{name}.yaml"
-    spec.write_text(yaml.safe_dump(entries, allow_unicode=True), encoding="utf-8")
-    return spec
 
 
 def test_auto_is_bf16_only_where_the_sizes_ask_and_the_cpu_has_it(monkeypatch):
@@ -84,9 +28,9 @@ def test_demo_runs_in_both_precisions(tmp_path, monkeypatch, forced_bf16):
     out = tmp_path / "run"
     results = demo_run.run_demo(
         out,
-        corpora=str(_corpora(tmp_path, "train", 60, 0)),
-        validation=str(_corpora(tmp_path, "validation", 5, 2)),
-        heldout=str(_corpora(tmp_path, "heldout", 5, 1)),
+        corpora=str(toy_corpora(tmp_path, "train", 60, 0)),
+        validation=str(toy_corpora(tmp_path, "validation", 5, 2)),
+        heldout=str(toy_corpora(tmp_path, "heldout", 5, 1)),
         precision="auto",
         custom_sizes=MICRO,
         progress=False,
@@ -100,3 +44,20 @@ def test_demo_runs_in_both_precisions(tmp_path, monkeypatch, forced_bf16):
     base_args = json.loads((out / "models" / "base" / "train_metrics.json").read_text())["recipe"]
     assert base_args["bf16"] is forced_bf16
     assert set(results["methods"]) == set(demo_run.METHODS)
+    _check_frozen_parts(out, results)
+
+
+def _check_frozen_parts(out, results: dict) -> None:
+    """The two validation runs of reading (c) (embeddings + LM head frozen, or only they trained) leave the
+    frozen part exactly as the base had it and change the rest."""
+    from safetensors.torch import load_file
+
+    base = load_file(out / "models" / "base" / "model.safetensors")
+    embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
+    for run, frozen in (("full_frozen_embeddings", embeddings), ("full_embeddings_only", set(base) - embeddings)):
+        weights = load_file(out / "models" / "sweeps" / run / "model.safetensors")
+        assert all(weights[k].equal(base[k]) for k in frozen), run
+        assert not any(weights[k].equal(base[k]) for k in set(base) - frozen), run
+    assert [p["frozen"] for p in results["sweeps"]["embeddings"]] == ["embeddings", "rest"]
+    if not (results["claims"][3]["reproduced"] and results["claims"][5]["reproduced"]):  # the section is there
+        assert "Full fine-tuning with a part frozen" in (out / "results.md").read_text()

@@ -1,11 +1,9 @@
-"""`moe-lpr demo`: the --quick run end to end on the installed man pages, reruns, and bad input (exit 2, one line)."""
+"""`moe-lpr demo`: the --quick run end to end on the LibreOffice help, reruns, and bad input (exit 2, one line)."""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,18 +14,15 @@ from moelpr.demo.claims import OLD_TOLERANCE
 from moelpr.demo.run import METHODS, choose_gamma
 from moelpr.demo.settings import QUICK, settings_record
 
-MANPAGE_PACKAGES = ("manpages", "manpages-es", "manpages-zh", "manpages-tr", "manpages-hu", "manpages-uk")
+
+def _help_installed() -> bool:
+    from moelpr.demo.libreoffice import HELP_SOURCES, help_root
+
+    return all((help_root() / folder / "text").is_dir() for _, folder in HELP_SOURCES.values())
 
 
-def _manpages_installed() -> bool:
-    if not (shutil.which("mandoc") or shutil.which("man")) or not shutil.which("dpkg-query"):
-        return False
-    proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}\\n", *MANPAGE_PACKAGES], capture_output=True, text=True)
-    return proc.returncode == 0 and proc.stdout.count("install ok installed") == len(MANPAGE_PACKAGES)
-
-
-needs_manpages = pytest.mark.skipif(
-    not _manpages_installed(), reason="needs the man-page packages (bash scripts/install_manpages.sh)"
+needs_help = pytest.mark.skipif(
+    not _help_installed(), reason="needs the LibreOffice help (bash scripts/install_corpora.sh)"
 )
 
 
@@ -48,25 +43,25 @@ def _one_line_error(code: int, err: str, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """One --quick demo run, shared by the tests below (about a minute on 2 idle cores)."""
-    if not _manpages_installed():
-        pytest.skip("needs the man-page packages (bash scripts/install_manpages.sh)")
+    if not _help_installed():
+        pytest.skip("needs the LibreOffice help (bash scripts/install_corpora.sh)")
     out = tmp_path_factory.mktemp("demo") / "run"
     start = time.monotonic()
     code = main(["demo", "--output", str(out), "--quick", "--no-progress", "--precision", "fp32"])
     return out, code, time.monotonic() - start
 
 
-@needs_manpages
+@needs_help
 def test_quick_demo_writes_results_report_and_figures(quick_run):
     out, code, _ = quick_run
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["languages"] == {"old": ["en", "es", "zh"], "new": ["tr", "hu", "uk"]}
+    assert results["languages"] == {"old": ["en", "es", "zh"], "new": ["el", "hu", "tr"]}
     assert list(results["methods"]) == list(METHODS)
     for name, res in results["methods"].items():
         for split in (res, res["validation"]):  # the test figures where they always were, validation beside them
             for metric in ("ppl", "bpb"):
-                assert set(split[metric]) == {"en", "es", "zh", "tr", "hu", "uk"}, name
+                assert set(split[metric]) == {"en", "es", "zh", "el", "hu", "tr"}, name
                 assert all(math.isfinite(v) and v > 0 for v in split[metric].values()), name
         assert res["split"] == "test" and res["validation"]["split"] == "validation"
         assert res["ppl"] != res["validation"]["ppl"], name  # two different sets of pages
@@ -121,7 +116,7 @@ def test_quick_demo_writes_results_report_and_figures(quick_run):
         assert (out / "models" / name / "config.json").is_file() and (out / "eval" / "test" / f"{name}.json").is_file()
 
 
-@needs_manpages
+@needs_help
 def test_rerun_reuses_everything(quick_run, capsys):
     out, code, _ = quick_run
     assert code == 0
@@ -139,7 +134,7 @@ def test_rerun_reuses_everything(quick_run, capsys):
     assert finished == list(METHODS)  # one line per method, in order
 
 
-@needs_manpages
+@needs_help
 def test_rerun_with_other_settings_is_refused(quick_run, capsys):
     out, _, _ = quick_run
     code, _, err = _demo(capsys, "--output", out, "--quick", "--seed", 7, "--precision", "fp32")
@@ -149,14 +144,18 @@ def test_rerun_with_other_settings_is_refused(quick_run, capsys):
 def test_unknown_language_code(tmp_path, capsys):
     code, _, err = _demo(capsys, "--output", tmp_path / "out", "--quick", "--new", "tr,xx")
     _one_line_error(code, err, "'xx'")
+    code, _, err = _demo(capsys, "--output", tmp_path / "out", "--quick", "--new", "uk")  # a man-page language
+    _one_line_error(code, err, "'uk'", "supported: en, es, zh, el, hu, tr")
     assert not (tmp_path / "out").exists()
 
 
 def test_settings_mismatch_without_running(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    languages = {"old": ["en", "es", "zh"], "new": ["tr", "hu", "uk"]}
-    record = settings_record(QUICK, preset="quick", seed=0, precision="fp32", languages=languages, corpora=None)
+    languages = {"old": ["en", "es", "zh"], "new": ["el", "hu", "tr"]}
+    record = settings_record(
+        QUICK, preset="quick", seed=0, precision="fp32", languages=languages, corpora=None, corpus="libreoffice"
+    )
     (out / "demo_settings.json").write_text(json.dumps(record))
     code, _, err = _demo(capsys, "--output", out, "--seed", 0, "--precision", "fp32")  # default, not quick
     _one_line_error(code, err, "other settings", "preset")
@@ -232,7 +231,7 @@ def test_user_corpora_errors(tmp_path, capsys):
     _one_line_error(code, err, "cannot parse")
 
 
-@needs_manpages
+@needs_help
 def test_embedding_share_counts_the_base(quick_run):
     import moelpr
     from moelpr.demo.diagnosis import embedding_share

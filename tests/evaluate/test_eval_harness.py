@@ -268,3 +268,25 @@ def test_benchmark_bad_inputs_exit_2(tmp_path, capsys, monkeypatch, dense_dir):
 def test_unknown_task_is_a_user_error(tmp_path, dense_dir):
     with pytest.raises(harness.UserError, match="unknown lm-eval task"):
         harness.run_benchmark(dense_dir, ["no_such_task"], include_defaults=False)
+
+
+def test_summarize_averages_the_runs_own_languages():
+    results = {
+        "belebele_ell_Grek": {"acc,none": 0.5},
+        "belebele_tur_Latn": {"acc,none": 0.7},
+        "belebele_hun_Latn": {"acc,none": 0.3},
+        "belebele_eng_Latn": {"acc,none": 0.9},
+    }
+    summary = harness.summarize(results, old=("en",), new=("tr", "hu"))
+    assert summary["avg"]["new"] == pytest.approx({"belebele": 0.5, "all": 0.5})  # Greek left out
+    assert summary["avg"]["old"] == pytest.approx({"belebele": 0.9, "all": 0.9})
+    assert summary["languages"] == {"old": ["en"], "new": ["tr", "hu"]}
+    local = harness.language_benchmarks(["quiz_hu", "quiz_tr", "quiz_xx", "story_en"], ["en", "tr", "hu"])
+    assert local == {
+        "quiz": {"metric": None, "tasks": {"hu": "quiz_hu", "tr": "quiz_tr"}},
+        "story": {"metric": None, "tasks": {"en": "story_en"}},
+    }
+    scores = {"quiz_hu": {"acc,none": 0.2, "acc_norm,none": 0.4}, "quiz_tr": {"acc,none": 0.6}, "story_en": {}}
+    local_summary = harness.summarize(scores, old=("en",), new=("tr", "hu"), benchmarks=local)
+    assert local_summary["scores"] == {"quiz": {"hu": 0.4, "tr": 0.6}}  # acc_norm first where reported
+    assert local_summary["avg"]["new"]["all"] == pytest.approx(0.5) and local_summary["avg"]["old"] == {}

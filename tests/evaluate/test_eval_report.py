@@ -94,9 +94,9 @@ def test_bad_results_files_exit_2(tmp_path, capsys, result_files):
 
 
 def test_labels_of_nearby_points_do_not_overlap():
-    from moelpr.evaluate.report import _place_labels, _pyplot
+    from moelpr.evaluate.report import place_labels, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.8))
     points = {
         (5.50, 2.600): ["moe_lpr"],
@@ -107,32 +107,10 @@ def test_labels_of_nearby_points_do_not_overlap():
     for x, y in points:
         ax.scatter([x], [y])
     ax.margins(0.25)
-    _place_labels(fig, ax, points)
+    place_labels(fig, ax, points)
     renderer = fig.canvas.get_renderer()
     labels = [t for t in ax.texts if t.get_text()]
     assert sorted(t.get_text() for t in labels) == sorted(n for names in points.values() for n in names)
     boxes = [t.get_window_extent(renderer) for t in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     plt.close(fig)
-
-
-def test_router_layers_figure_draws_every_moe_method(result_files):
-    from moelpr.evaluate.report import figure_router_layers
-
-    dense, moe = load_results(result_files[0]), load_results(result_files[1])
-    assert figure_router_layers(dense) is None  # no routing data: no figure
-    second = load_results(result_files[1])[0]
-    second.name = "moe-lpr (2)"
-    data = figure_router_layers([*dense, *moe, second])
-    assert data.startswith(PNG) and len(data) > 5000
-
-
-def test_sweep_figures_need_two_points_and_the_base(tmp_path):
-    from moelpr.evaluate.report import SweepPoint, figure_gamma_tradeoff, figure_review_curve
-
-    points = [SweepPoint(g, f"γ={g:g}", 100 + 10 / (1 + g), 3.0 + 0.1 * g, default=g == 0.1) for g in (0, 0.1, 1)]
-    refs = {"base": (100.0, 3.6), "full": (180.0, 2.9)}
-    for draw in (figure_gamma_tradeoff, figure_review_curve):
-        assert draw(points, refs).startswith(PNG)
-        assert draw(points[:1], refs) is None
-    assert figure_gamma_tradeoff(points, {"full": refs["full"]}) is None  # the change is against the base

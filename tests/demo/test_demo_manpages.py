@@ -1,4 +1,4 @@
-"""The man-page corpus builder, on a fake man tree written here (plus one run on the real packages)."""
+"""The man-page corpus builder (`--corpus manpages`), on a fake man tree written here (plus one run on the real packages)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moelpr.demo.corpus import (
-    MANPAGE_SOURCES,
-    build_manpage_corpus,
-    clean,
-    extract_paragraphs,
-    is_prose,
-    list_manpages,
-    render,
-)
+from moelpr.demo.corpus import clean, is_prose
+from moelpr.demo.manpages import MANPAGE_SOURCES, build_manpage_corpus, extract_paragraphs, list_manpages, render
 from moelpr.errors import UserError
 
 HAS_RENDERER = bool(shutil.which("mandoc") or shutil.which("man"))
-needs_renderer = pytest.mark.skipif(not HAS_RENDERER, reason="needs mandoc or man (bash scripts/install_manpages.sh)")
+needs_renderer = pytest.mark.skipif(not HAS_RENDERER, reason="needs mandoc or man (bash scripts/install_corpora.sh)")
 
 EN = [
     "The program reads the configuration file at startup and stops with an error when a value is invalid.",
@@ -229,7 +222,7 @@ def test_bad_input_is_a_user_error(man_root: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="once"):
         build_manpage_corpus(tmp_path / "b", languages_old=("en",), languages_new=("en",), man_root=man_root)
     if HAS_RENDERER:
-        with pytest.raises(UserError, match=r"no man pages found for language 'hu'.*install_manpages\.sh"):
+        with pytest.raises(UserError, match=r"no man pages found for language 'hu'.*install_corpora\.sh"):
             build_manpage_corpus(tmp_path / "c", languages_old=("en",), languages_new=("hu",), man_root=man_root)
     with pytest.raises(UserError, match="unknown renderer"):
         build_manpage_corpus(
@@ -248,7 +241,7 @@ def _installed(package: str) -> bool:
 ALL_INSTALLED = HAS_RENDERER and all(_installed(pkg) for pkg, _ in MANPAGE_SOURCES.values())
 
 
-@pytest.mark.skipif(not ALL_INSTALLED, reason="needs the man-page packages: bash scripts/install_manpages.sh")
+@pytest.mark.skipif(not ALL_INSTALLED, reason="needs the man-page packages: bash scripts/install_corpora.sh")
 def test_build_from_installed_packages(tmp_path: Path) -> None:
     corpora = build_manpage_corpus(tmp_path / "real", max_docs_per_language=6, seed=1)
     stats = json.loads((corpora.parent / "corpus_stats.json").read_text())["languages"]
