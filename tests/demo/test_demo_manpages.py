@@ -132,7 +132,7 @@ def test_build_fake_corpus(man_root: Path, tmp_path: Path, workers: int) -> None
     assert corpora == out / "corpora.yaml"
     train_spec = yaml.safe_load(corpora.read_text())
     held_spec = yaml.safe_load((out / "heldout.yaml").read_text())
-    roles = [(e["language"], e["role"], e["text_field"]) for e in train_spec]
+    roles = [(e["language"], e["role"], e["text_column"]) for e in train_spec]
     assert roles == [("en", "old", "text"), ("tr", "new", "text")]
     assert [e["path"] for e in held_spec] == ["heldout/en.jsonl", "heldout/tr.jsonl"]  # relative to the yaml
 
