@@ -1,4 +1,5 @@
-"""Forward+backward throughput of the MoE-LPR block against the official code's dispatch and the matmul floor.
+"""Forward+backward throughput of the MoE-LPR block against the official code's dispatch and the matmul floor,
+and against transformers' own fused Mixtral experts; eager and compiled.
 
 The reference is written the way the paper's public code (a peft fork, Mixtral-v4 style) does it: experts
 in a ModuleList of gate/up/down MLPs, a one-hot expert mask, a Python loop over all experts with
@@ -8,13 +9,19 @@ The floor is the bare matmuls of the same pass, on the row counts this routing g
 2 per expert (gate_up, down), input gradient 2 per expert, weight gradient 2 per trained expert (all but
 expert 0), written into buffers allocated once; nothing else. No dispatch can be faster than the floor.
 
-Every configuration (tokens × experts) times the three variants interleaved, rotating their order each
-round; the table gives the median step, the spread (min–max) and each variant's speed as a ratio to the
-floor and to the reference, all from this one run.
+"hf" is transformers' `MixtralSparseMoeBlock` (router + fused `MixtralExperts`, `experts_implementation=
+"grouped_mm"`) with the same weights and routing; all its experts train (one stacked parameter), expert 0 too.
+A variant name with "+compile" is that block under `torch.compile` (`--compile-backend`, inductor by default).
+
+Every configuration (tokens × experts) times the variants interleaved, rotating their order each round; the
+table gives the median step, the spread (min–max) and each variant's speed as a ratio to the floor, the
+reference and hf (those measured), all from this one run.
 
     python bench/moe_layer.py --threads 2                        # CPU float32: T 512/4096/16384 × E 4/6
     python bench/moe_layer.py --dtype bfloat16 --tokens 4096 --experts 4
     python bench/moe_layer.py --autocast bfloat16               # fp32 weights, bf16 autocast (mixed precision)
+    python bench/moe_layer.py --tokens 8192 --experts 6 --hidden 2048 --intermediate 5504 \
+        --variants ours,reference,hf,ours+compile,hf+compile  # GPU: Qwen1.5-1.8B's layer (bench/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -134,8 +141,40 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def transformers_block(ours: MoEBlock) -> nn.Module:
+    """transformers' Mixtral MoE block (router + fused `MixtralExperts` on `grouped_mm`) with `ours`'s weights:
+    expert 0 (the original MLP) in front of the new experts, our router's rows as its router."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    original, (stacked,), weight = ours.original, ours.experts, ours.routers[0].weight
+    hidden, inter = original.down_proj.weight.shape
+    config = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_local_experts=ours.num_experts,
+        num_experts_per_tok=ours.top_k,
+        router_jitter_noise=0.0,
+    )
+    config._experts_implementation = "grouped_mm"  # transformers' fused grouped-matmul experts
+    block = MixtralSparseMoeBlock(config).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        block.gate.weight.copy_(weight)
+        gate_up0 = torch.cat([original.gate_proj.weight, original.up_proj.weight])  # (2I, H): [gate; up]
+        block.experts.gate_up_proj.copy_(torch.cat([gate_up0[None], stacked.gate_up_proj]))  # (E, 2I, H)
+        block.experts.down_proj.copy_(torch.cat([original.down_proj.weight[None], stacked.down_proj]))  # (E, H, I)
+    return block
+
+
+VARIANTS = ("ours", "reference", "floor", "hf")  # each but the floor also as "<name>+compile"
+
+
 def run_config(args, tokens: int, experts: int, dtype: torch.dtype, device: str) -> dict:
+    """Time `args.variants` on one (tokens, experts) configuration; medians, spreads, routing and agreement."""
     ours, reference = build(args.hidden, args.intermediate, experts, args.top_k, dtype, device)
+    blocks = {"ours": ours, "reference": reference}
+    if any(v.startswith("hf") for v in args.variants):
+        blocks["hf"] = transformers_block(ours)
     x = torch.randn(tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     counts = expert_counts(ours, x)
@@ -143,31 +182,38 @@ def run_config(args, tokens: int, experts: int, dtype: torch.dtype, device: str)
         torch.autocast(device, dtype=getattr(torch, args.autocast)) if args.autocast else contextlib.nullcontext()
     )
 
-    def step(block):
+    def call(name: str, block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return block(inputs[None])[0] if name == "hf" else block(inputs)  # Mixtral's block takes (B, S, H)
+
+    def step(name: str, block: nn.Module):
         def run():
             x.grad = None
             with autocast:
-                y = block(x)
+                y = call(name, block, x)
             y.backward(grad)
 
         return run
 
     with torch.no_grad(), autocast:
-        diff = (ours(x).float() - reference(x).float()).abs().max().item()
+        want = ours(x).float()
+        diff = {n: (call(n, b, x).float() - want).abs().max().item() for n, b in blocks.items() if n != "ours"}
     compute = getattr(torch, args.autocast) if args.autocast else dtype
-    variants = {
-        "ours": step(ours),
-        "reference": step(reference),
-        "floor": MatmulFloor(counts, args.hidden, args.intermediate, compute, device),
-    }
+    variants = {}
+    for name in args.variants:
+        base, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+        if base == "floor":
+            variants[name] = MatmulFloor(counts, args.hidden, args.intermediate, compute, device)
+        else:
+            block = torch.compile(blocks[base], backend=args.compile_backend) if compiled else blocks[base]
+            variants[name] = step(base, block)
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for it in range(args.warmup + args.rounds):
-        for name in names[it % 3 :] + names[: it % 3]:
+        for name in names[it % len(names) :] + names[: it % len(names)]:
             t = timed(variants[name], device)
             if it >= args.warmup:
                 times[name].append(t)
-        for block in (ours, reference):
+        for block in blocks.values():
             block.zero_grad(set_to_none=True)
     return {
         "tokens": tokens,
@@ -179,19 +225,38 @@ def run_config(args, tokens: int, experts: int, dtype: torch.dtype, device: str)
     }
 
 
+def ratios(median: dict[str, float], name: str) -> dict[str, float]:
+    """Speed of `name` relative to the floor, the reference and hf (eager), those measured: their time / its time."""
+    return {base: median[base] / median[name] for base in ("floor", "reference", "hf") if base in median}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="512,4096,16384", help="comma-separated token counts T")
+    p.add_argument("--experts", default="4,6", help="comma-separated expert counts E (expert 0 frozen)")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--autocast", default=None, help="run every block under autocast to this dtype (e.g. bfloat16)")
+    p.add_argument(
+        "--variants",
+        type=lambda text: text.split(","),
+        default=["ours", "reference", "floor"],
+        help=f"comma-separated, from {', '.join(VARIANTS)}; any but floor may end in +compile",
+    )
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the +compile variants")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per configuration (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="512,4096,16384", help="comma-separated token counts T")
-    parser.add_argument("--experts", default="4,6", help="comma-separated expert counts E (expert 0 frozen)")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=1376)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--autocast", default=None, help="run both blocks under autocast to this dtype (e.g. bfloat16)")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
+    args = parser().parse_args()
+    unknown = [v for v in args.variants if v.removesuffix("+compile") not in VARIANTS or v == "floor+compile"]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)} (+compile)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,25 +268,26 @@ def main() -> None:
     )
     print(
         f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up; "
-        "x floor = floor time / variant time, x ref = reference time / variant time"
+        "x base = base time / variant time (floor, reference, hf: those measured)"
     )
-    print("| T | E | variant | ms/step (min-max) | tokens/s | x floor | x ref |")
-    print("|---|---|---|---|---|---|---|")
+    bases = [b for b in ("floor", "reference", "hf") if b in args.variants]
+    print("| T | E | variant | ms/step (min-max) | tokens/s | " + " | ".join(f"x {b}" for b in bases) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(bases))
     notes = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for experts in (int(e) for e in args.experts.split(",")):
             r = run_config(args, tokens, experts, dtype, device)
             med = r["median"]
-            for name in ("ours", "reference", "floor"):
+            for name in args.variants:
                 lo, hi = r["spread"][name]
+                x = ratios(med, name)
                 print(
                     f"| {tokens} | {experts} | {name} | {med[name] * 1e3:.1f} ({lo * 1e3:.1f}-{hi * 1e3:.1f}) "
-                    f"| {tokens / med[name]:,.0f} | {med['floor'] / med[name]:.3f} | {med['reference'] / med[name]:.3f} |",
+                    f"| {tokens / med[name]:,.0f} | " + " | ".join(f"{x[b]:.3f}" for b in bases) + " |",
                     flush=True,
                 )
-            notes.append(
-                f"T={tokens} E={experts}: pairs per expert {r['counts']}, max |ours - reference| = {r['diff']:.1e}"
-            )
+            agree = ", ".join(f"{n} {d:.1e}" for n, d in r["diff"].items())
+            notes.append(f"T={tokens} E={experts}: pairs per expert {r['counts']}, max |output - ours|: {agree}")
     print("\n".join(notes))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 

@@ -27,6 +27,7 @@ Embedding lookups count 0.
     python bench/train_step.py --skip-memory              # speed only
     python bench/train_step.py --autocast bfloat16        # mixed precision, as the Trainer's bf16=True
     python bench/train_step.py --compare-autocast bfloat16 --skip-memory   # float32 and bf16 autocast, interleaved
+    python bench/train_step.py --compile --skip-memory    # also every step with the model under torch.compile
 """
 
 from __future__ import annotations
@@ -78,13 +79,15 @@ def autocast(device: str, amp: str | None):
     return torch.autocast(device, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext()
 
 
-def make_step(model, batch: dict, moe: bool, device: str, amp: str | None):
+def make_step(model, batch: dict, moe: bool, device: str, amp: str | None, backend: str | None = None):
+    """One training step of `model` (forward with labels, backward, AdamW); `backend`: under torch.compile."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
+    run = torch.compile(model, backend=backend) if backend else model
 
     def step():
         with autocast(device, amp):
-            out = model(**batch, compute_logits=False) if moe else model(**batch)
+            out = run(**batch, compute_logits=False) if moe else run(**batch)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -136,8 +139,13 @@ def precisions(args) -> list[str | None]:
     return [args.autocast] + ([args.compare_autocast] if args.compare_autocast else [])
 
 
-def step_name(kind: str, amp: str | None) -> str:
-    return kind if amp is None else f"{kind}@{amp}"
+def modes(args) -> list[tuple[str | None, bool]]:
+    """(autocast dtype, compiled) of every timed variant of each kind: eager, and compiled with `--compile`."""
+    return [(amp, compiled) for amp in precisions(args) for compiled in ((False, True) if args.compile else (False,))]
+
+
+def step_name(kind: str, amp: str | None, compiled: bool = False) -> str:
+    return kind + (f"@{amp}" if amp else "") + ("+compile" if compiled else "")
 
 
 def speed(args, device: str, dtype: torch.dtype) -> dict:
@@ -156,8 +164,10 @@ def speed(args, device: str, dtype: torch.dtype) -> dict:
         "stage2": {"input_ids": ids, "labels": ids, "lang_mask": lang_mask},
     }
     steps = {
-        step_name(kind, amp): make_step(models[kind], batches[kind], kind != "dense", device, amp)
-        for amp in precisions(args)
+        step_name(kind, amp, compiled): make_step(
+            models[kind], batches[kind], kind != "dense", device, amp, args.compile_backend if compiled else None
+        )
+        for amp, compiled in modes(args)
         for kind in KINDS
     }
     names = list(steps)
@@ -290,7 +300,7 @@ def memory(args) -> dict:
     return results
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=688)
@@ -318,11 +328,17 @@ def main() -> None:
         default=None,
         help="also time every step under autocast to this dtype, interleaved with the others (speed part)",
     )
+    p.add_argument("--compile", action="store_true", help="also time every step with the model under torch.compile")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-worker", choices=["moe", "dense"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     args.device = device
@@ -345,17 +361,19 @@ def main() -> None:
     if not args.skip_speed:
         r = speed(args, device, dtype)
         print(f"\n[speed] vocab {args.vocab}; median of {args.steps} interleaved steps after {args.warmup} warm-up")
-        for amp in precisions(args):
-            print(f"  autocast {amp or 'off'}:")
+        for amp, compiled in modes(args):
+            print(f"  autocast {amp or 'off'}{', torch.compile' if compiled else ''}:")
             for kind in KINDS:
-                name = step_name(kind, amp)
+                name = step_name(kind, amp, compiled)
                 lo, hi = r["spread"][name]
                 print(
-                    f"  {name:17s} {r['median_s'][name] * 1e3:9.1f} ms/step  {r['tokens_per_s'][name]:10,.0f} tokens/s"
+                    f"  {name:25s} {r['median_s'][name] * 1e3:9.1f} ms/step  {r['tokens_per_s'][name]:10,.0f} tokens/s"
                     f"  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f} ms)"
                 )
-            t1 = r["median_s"][step_name("stage1", amp)] / r["median_s"][step_name("dense", amp)]
-            t2 = r["median_s"][step_name("stage2", amp)] / r["median_s"][step_name("dense", amp)]
+            t1, t2 = (
+                r["median_s"][step_name(k, amp, compiled)] / r["median_s"][step_name("dense", amp, compiled)]
+                for k in ("stage1", "stage2")
+            )
             print(f"    step time ratio stage1/dense = {t1:.3f}; stage2/dense = {t2:.3f}")
             for name, ratio in (("6N", r["ratio_6n"]), ("careful", r["ratio_careful"])):
                 verdict = "PASS" if t1 <= 1.1 * ratio else "FAIL"

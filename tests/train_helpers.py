@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -98,3 +102,55 @@ def logged(out_dir: Path) -> list[dict]:
     """The training log entries (those with `loss`) from train_metrics.json."""
     metrics = json.loads((Path(out_dir) / "train_metrics.json").read_text())
     return [e for e in metrics["log_history"] if "loss" in e]
+
+
+def starve_experts(experts: tuple[int, ...], starved) -> dict[str, int]:
+    """Make every MoE block route no token to `experts` on the forwards where `starved(n)` holds, n = that block's
+    forward count from 0 (their router logits are pushed to −∞ there). Patches `MoEBlock` for this process.
+
+    Returns counters, updated as the model runs: "starved" / "fed" forwards, and "starved_pairs" / "fed_pairs",
+    the (token, pick) pairs routed to `experts` on each kind (0 on starved forwards is what the patch promises).
+    """
+    import torch
+
+    from moelpr.model.layer import MoEBlock
+
+    seen = {"starved": 0, "fed": 0, "starved_pairs": 0, "fed_pairs": 0}
+    router_logits, route = MoEBlock.router_logits, MoEBlock.route
+
+    def patched_logits(self, x):
+        logits = router_logits(self, x)  # (N, E)
+        if not starved(getattr(self, "_forwards", 0)):
+            return logits
+        banned = torch.isin(torch.arange(logits.shape[-1], device=logits.device), torch.tensor(experts))  # (E,)
+        return logits.masked_fill(banned, float("-inf"))
+
+    def patched_route(self, hidden_states):
+        routing = route(self, hidden_states)
+        kind = "starved" if starved(getattr(self, "_forwards", 0)) else "fed"
+        self._forwards = getattr(self, "_forwards", 0) + 1
+        seen[kind] += 1
+        seen[f"{kind}_pairs"] += int(torch.isin(routing.experts, torch.tensor(experts)).sum())
+        return routing
+
+    MoEBlock.router_logits, MoEBlock.route = patched_logits, patched_route
+    return seen
+
+
+def torchrun(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGS` with a deadline that fails the test instead of hanging:
+    past `timeout` seconds the launcher and its workers (one process group) are killed and the test fails
+    with the tail of their output. Returns the finished process (the caller checks its return code)."""
+    import pytest
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: a hung collective never returns
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun still running after {timeout:.0f} s (a hang?):\n{stdout[-1000:]}{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -83,8 +83,14 @@ def reference(block: MoEBlock, x: torch.Tensor, routing: Routing) -> torch.Tenso
     return keep_in_graph(out, block)
 
 
+@torch.compiler.disable  # runs eagerly under torch.compile: one graph break per block (docs/benchmarks.md)
 def loop(block: MoEBlock, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Expert 0 as the original module on its rows, each stacked group through `looped.add_looped`."""
+    """Expert 0 as the original module on its rows, each stacked group through `looped.add_looped`.
+
+    Not traced by torch.compile: its Python loop follows pair counts read on the host, which dynamo would guard
+    on and recompile for at every new routing (until its recompile limit), and `looped.py`'s autograd Function
+    is not traceable either.
+    """
     token, expert, weight = sorted_pairs(routing, x.dtype, drop_disallowed=True)
     counts = torch.bincount(expert, minlength=block.num_experts).tolist()  # host sync: the loop needs them
     out = torch.zeros_like(x)  # (N, H)

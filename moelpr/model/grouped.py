@@ -56,4 +56,11 @@ def grouped_matmul(kernel: str, rows: torch.Tensor, weight: torch.Tensor, offset
         from deepspeed.ops.triton_ops.group_gemm_triton import group_gemm_triton
 
         return group_gemm_triton(rows, weight.contiguous(), offsets, trans_b=True)
+    if rows.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _eager_grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
     return F.grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+
+
+# torch.compile traces `grouped_mm` in bfloat16 only (its meta function rejects other dtypes): in any other dtype
+# it runs eagerly, outside the compiled graph (one graph break per call; docs/benchmarks.md, torch.compile).
+_eager_grouped_mm = torch.compiler.disable(F.grouped_mm)

@@ -8,7 +8,8 @@ with `compute_logits=False`, HF activation checkpointing), not taken from a gene
   and LM-loss chunk divided by s (heads, experts, top-k, micro-batch kept; 4 layers: the first, two middle ones,
   the last), at two scales s, and extrapolates each phase figure to s = 1 (`plan.extrapolate`). Keeping the
   proportions keeps the op at which each backward peaks, so the maxima extrapolate like the sums.
-- `process_peak` runs a real training step in a fresh process and reads its peak RSS (the check).
+- `process_peak` runs real training steps in a fresh process and reads their peak: the RSS on CPU (the check),
+  `torch.cuda.max_memory_allocated` on a GPU (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -205,13 +206,16 @@ def _status_bytes(key: str) -> int:
 
 def _step_worker(spec: dict) -> dict:
     """Build the model, run `steps` full training steps (forward, backward, fused AdamW, zero_grad) and report
-    the peak RSS above the RSS before the model was built (see `process_peak`)."""
+    the peak memory above the memory before the model was built (see `process_peak`)."""
     shape, layout = DenseShape(**spec["shape"]), MoELayout(**spec["layout"])
     setup = TrainingSetup(**spec["setup"])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[setup.precision]
+    device = spec.get("device", "cpu")
+    cuda = device != "cpu"
     torch.set_num_threads(spec["threads"])
 
     def run(model, batch, steps: int) -> None:
+        model, batch = model.to(device), {k: v.to(device) for k, v in batch.items()}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         if setup.checkpointing:
             model.activation_checkpointing_enable()
@@ -234,17 +238,21 @@ def _step_worker(spec: dict) -> dict:
         make_batch(setup.micro_batch, setup.seq_len // spec["warmup_scale"], warm.vocab_size),
         1,
     )
-    baseline = _status_bytes("VmRSS")
+    now = torch.cuda.memory_allocated if cuda else lambda: _status_bytes("VmRSS")
+    baseline = now()
     model = build_model(
         shape, layout, setup.stage, dtype=dtype, dispatch=spec["dispatch"], lm_loss_chunk=setup.lm_loss_chunk
-    )
+    ).to(device)
     batch = make_batch(setup.micro_batch, setup.seq_len, shape.vocab_size)
-    built = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS: the model build's transients do not count
+    built = now()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS: the model build's transients do not count
     run(model, batch, spec["steps"])
     return {
-        "peak": _status_bytes("VmHWM") - baseline,
+        "peak": (torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")) - baseline,
         "built": built - baseline,
         "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
@@ -259,9 +267,10 @@ def process_peak(
     steps: int = 2,
     threads: int = 1,
     warmup_scale: int = 8,
+    device: str = "cpu",
 ) -> dict:
-    """Peak RSS of real training steps (single process, CPU) in a fresh interpreter, above its RSS after imports
-    and a warm-up step on a small replica.
+    """Peak memory of real training steps (single process) in a fresh interpreter, above its memory after imports
+    and a warm-up step on a small replica: the RSS on CPU, `torch.cuda.max_memory_allocated` on `device` "cuda".
 
     glibc is told to serve every allocation above 64 KiB with its own mmap and to trim freed heap, so freed tensors
     leave the RSS at once and VmHWM is the peak of live memory; `ru_maxrss` cannot be used (it keeps the parent's
@@ -275,6 +284,7 @@ def process_peak(
         "steps": steps,
         "threads": threads,
         "warmup_scale": warmup_scale,
+        "device": device,
     }
     env = dict(
         os.environ,

@@ -4,6 +4,12 @@ A recipe holds the moelpr knobs below plus any `transformers.TrainingArguments` 
 (`learning_rate`, `per_device_train_batch_size`, `output_dir`, ...); those are collected into
 `Recipe.training_args`. Command-line overrides (`--key value`) win over the file; `--prepared DIR` replaces the
 file's `corpora:` (and `--corpora` its `prepared:`).
+
+`torch_compile: true` (a TrainingArguments field, with `torch_compile_backend` / `torch_compile_mode`) compiles the
+whole model before training: every forward (routing, attention, norms, losses) and, through AOTAutograd, its
+backward; the optimizer step stays eager. The experts compile on the grouped path in bfloat16 (what `auto` trains
+with on GPUs of compute capability ≥ 9.0: no graph break); the loop path (CPU) and float32 grouped matmuls run
+eagerly between compiled graphs (docs/benchmarks.md §8).
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ def train(recipe: Recipe, *, callbacks: list | None = None) -> Path:
     # After the model: with a ZeRO-3 config, TrainingArguments switch on deepspeed.zero.Init for every later
     # from_pretrained, which would hand the upcycle empty partitions; DeepSpeed partitions the full model itself.
     args = _training_arguments(recipe, out_dir / CHECKPOINTS)
+    _zero3_whole_moe_blocks(model)
 
     # ---- train ------------------------------------------------------------------------------------------
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -251,6 +252,39 @@ def _check_zero3(recipe: Recipe) -> None:
             '"stage3_gather_16bit_weights_on_model_save": true under zero_optimization (as '
             "recipes/deepspeed/zero3.json)"
         )
+
+
+def _zero3_whole_moe_blocks(model) -> None:
+    """Under DeepSpeed ZeRO-3, gather each MoE block's parameters as one unit (a ZeRO-3 leaf module).
+
+    ZeRO-3 otherwise all-gathers each submodule's parameters when that submodule runs, and which experts run
+    depends on the routing: a rank that sends no token to expert 0 skips its MLP while another rank gathers
+    it, the two ranks' collectives no longer match, and training stops (docs/scaling.md, Engines). As a leaf,
+    the whole block is gathered on entry on every rank, whatever the routing (as LLaMA-Factory does for Mixtral).
+    ZeRO-3 reduces a leaf's gradients in a backward hook on the block, which fires once the gradient of the
+    block's input is formed, or, when the input needs none (the first MoE layer above frozen layers), as soon
+    as the output's arrives, before the experts' gradients exist: so the input is made to need one.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from moelpr.model.layer import MoEBlock
+
+    for block in set_z3_leaf_modules(model, [MoEBlock], raise_if_not_found=False):  # dense baselines have none
+        block.register_forward_pre_hook(_input_needs_grad)
+
+
+def _input_needs_grad(block, args: tuple) -> tuple:
+    """A forward pre-hook: the block's input, as a tensor that needs a gradient when a backward can follow."""
+    import torch
+
+    (hidden_states,) = args
+    if hidden_states.requires_grad or not torch.is_grad_enabled():
+        return args
+    return (hidden_states.detach().requires_grad_(True),)  # (B, S, H); nothing before it trains
 
 
 def _require_deepspeed() -> None:

@@ -89,7 +89,9 @@ class MoETrainer(Trainer):
         ga = self.current_gradient_accumulation_steps if training else 1
         # Counts over all processes: a term normalised by one is ×processes to undo DDP's gradient averaging.
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        if not isinstance(self.accelerator.unwrap_model(model), MoELPRForCausalLM):  # dense (or PEFT) baselines
+        # the model itself, also when `torch_compile: true` hands its compiled wrapper
+        moe = isinstance(self.accelerator.unwrap_model(model, keep_torch_compile=False), MoELPRForCausalLM)
+        if not moe:  # dense (or PEFT) baselines
             inputs = {k: v for k, v in inputs.items() if k not in ("lang_mask", "lang_group")}
             if num_items_in_batch is not None:
                 inputs["num_items_in_batch"] = num_items_in_batch

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through `moe-lpr train` on 2 CPU processes (torchrun, gloo): the shipped
 configs reach the weights of one process seeing the same global batch, ZeRO-3 saves the gathered weights in
-our checkpoint formats, and a run resumed from a ZeRO-3 checkpoint ends where an uninterrupted one does.
+our checkpoint formats, a run resumed from a ZeRO-3 checkpoint ends where an uninterrupted one does, and
+ZeRO-3 trains to the end when one process routes no token to some experts (each MoE block a ZeRO-3 leaf).
 
 The recipe is the tiny stage-1 one without `use_cpu` (the case that used to fail DeepSpeed's batch check).
 The first DeepSpeed process group on a machine JIT-compiles DeepSpeed's shared-memory op (cached after).
@@ -9,17 +10,18 @@ The first DeepSpeed process group on a machine JIT-compiles DeepSpeed's shared-m
 import json
 import os
 import shutil
-import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from train_helpers import REPO, TINY_RECIPES, overrides
+from train_helpers import REPO, TINY_RECIPES, overrides, starve_experts, torchrun
 
 import moelpr
 from moelpr.cli import main
+from moelpr.model.layer import MoEBlock
 from moelpr.train import load_recipe, train
 
 DEEPSPEED = REPO / "recipes" / "deepspeed"
@@ -65,19 +67,17 @@ def single(world, recipe, tmp_path_factory):
     }
 
 
-def torchrun_train(recipe: Path, world, out: Path, config: str, *args: str) -> None:
-    """`torchrun --nproc_per_node 2 moe-lpr train RECIPE --deepspeed recipes/deepspeed/CONFIG.json ...`."""
+def torchrun_train(recipe: Path, world, out: Path, config: str, *args: str, program: str | None = None) -> None:
+    """`torchrun --nproc_per_node 2 moe-lpr train RECIPE --deepspeed recipes/deepspeed/CONFIG.json ...`.
+
+    `program`: Python source run instead of `moe-lpr` (it gets the same arguments; tests/ is on its path)."""
     dense, corpora = world
     cli = shutil.which("moe-lpr", path=str(Path(sys.executable).parent)) or shutil.which("moe-lpr")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        cli,
+    path = os.pathsep.join([str(REPO / "tests"), *sys.path])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
+    launch = [cli] if program is None else ["--no-python", sys.executable, "-c", program]
+    command = [
+        *launch,
         "train",
         str(recipe),
         "--deepspeed",
@@ -87,7 +87,7 @@ def torchrun_train(recipe: Path, world, out: Path, config: str, *args: str) -> N
         *overrides(model=str(dense), corpora=str(corpora)),
         *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = torchrun(command, env, timeout=400)  # a hang fails the test
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
@@ -138,6 +138,61 @@ def test_zero3_saves_gathered_weights_and_resumes(world, recipe, single, tmp_pat
     assert_same_training(tmp_path / "z3_resumed", single[4], world[0])
     steps2, steps4 = moe_params(single[2]), moe_params(single[4])  # TOL is far below what 2 steps move
     assert max((steps4[n] - steps2[n]).abs().max() for n in steps2 if is_new(n)) > 100 * TOL
+
+
+STARVED = (0, 3)  # expert 0 (frozen: the loop path skips its MLP) and a trained new expert
+
+# Process 1 routes no token to STARVED (their router logits pushed to −∞), process 0 routes as usual; each
+# process checks that its routing really was so. Before the MoE blocks were ZeRO-3 leaves this stopped at the
+# first step: process 0 gathered expert 0's MLP, process 1 skipped it (gloo: "Received data size doesn't match").
+STARVING = textwrap.dedent(f"""
+    import os, sys
+    from train_helpers import starve_experts
+    rank = int(os.environ["RANK"])
+    seen = starve_experts({STARVED}, lambda n: rank == 1)
+    from moelpr.cli import main
+    code = main(sys.argv[1:])
+    if rank == 1:
+        assert seen["fed"] == 0 and seen["starved"] > 0 and seen["starved_pairs"] == 0, seen
+    else:
+        assert seen["starved"] == 0 and seen["fed_pairs"] > 0, seen
+    sys.exit(code)
+""")
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: one torchrun launch of DeepSpeed, one single-process run
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+def test_zero3_trains_when_one_process_routes_nothing_to_an_expert(world, recipe, tmp_path, monkeypatch, dispatch):
+    """2 steps of ZeRO-3 with process 1 starving two experts reach the weights of one process whose odd
+    micro-batches (process 1's share of each global batch) starve them; a timeout fails instead of hanging."""
+    torchrun_train(
+        recipe,
+        world,
+        tmp_path / "z3",
+        "zero3",
+        *overrides(max_steps=2, save_format="full", moe_dispatch=dispatch, **BATCH),
+        program=STARVING,
+    )
+    dense, corpora = world
+    for name in ("router_logits", "route"):
+        monkeypatch.setattr(MoEBlock, name, getattr(MoEBlock, name))  # restored after the test
+    seen = starve_experts(STARVED, lambda n: n % 2 == 1)  # micro-batches 1, 3, ... are process 1's
+    single = load_recipe(
+        recipe,
+        overrides(
+            model=str(dense),
+            corpora=str(corpora),
+            max_steps=2,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=4,
+            save_format="full",
+            moe_dispatch=dispatch,
+            output_dir=str(tmp_path / "single"),
+        ),
+    )
+    train(single)
+    assert seen["starved_pairs"] == 0 and seen["fed_pairs"] > 0, seen
+    assert_same_training(tmp_path / "z3", tmp_path / "single", dense)
 
 
 @pytest.fixture

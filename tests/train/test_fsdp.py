@@ -2,14 +2,14 @@
 per decoder layer (each unit mixes the frozen expert 0 with trainable new experts and routers) and on the
 root gives the loss and the new-expert and router gradients of one process on the same global batch, on the
 CPU dispatch path and on the single-grouped-call path that GPUs take (forced here; `F.grouped_mm` runs on
-CPU fp32); its gathered full state dict saves as our checkpoint.
+CPU fp32), also when one process routes no token to two experts (expert 0, whose MLP the loop path then
+skips, and a trained one); its gathered full state dict saves as our checkpoint.
 
 Not through the Trainer: accelerate turns FSDP on only for GPU-like distributed types (MULTI_GPU, MULTI_NPU,
 MULTI_XPU, ...), so on CPU `fsdp: true` trains with DDP; there is no supported switch for CPU FSDP.
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,10 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import tiny_ids, tiny_model
+from train_helpers import starve_experts, torchrun
 
 import moelpr
+from moelpr.model.layer import MoEBlock
 
 MODES = ("loop", "grouped")  # moe_dispatch: the CPU path, and the GPUs' training path forced on CPU
+CASES = [(mode, False) for mode in MODES] + [(mode, True) for mode in MODES]  # (mode, process 1 starves STARVED)
+STARVED = (0, 3)  # expert 0 (frozen) and a trained new expert get no token from process 1
 GLOBAL_BATCH = 4  # sequences; each of the 2 processes takes 2
 
 WORKER = textwrap.dedent("""
@@ -33,11 +37,15 @@ WORKER = textwrap.dedent("""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     import moelpr
-    from test_fsdp import MODES, build, half_batch
+    from test_fsdp import CASES, STARVED, build, half_batch, result_file
+    from train_helpers import starve_experts
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    for mode in MODES:
+    seen = None
+    for mode, starved in CASES:
+        if starved and seen is None:  # from here on process 1 routes no token to STARVED
+            seen = starve_experts(STARVED, lambda n: rank == 1)
         model = build(mode)
         for layer in model.lm.model.layers:
             fully_shard(layer)  # one unit: attention + MoE block (frozen expert 0, trainable new experts)
@@ -53,7 +61,11 @@ WORKER = textwrap.dedent("""
         frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
         if rank == 0:
             assert not frozen_grads, frozen_grads
-            save_file({**grads, "loss": mean.reshape(1)}, f"{sys.argv[1]}/{mode}.safetensors")
+            save_file({**grads, "loss": mean.reshape(1)}, f"{sys.argv[1]}/{result_file(mode, starved)}")
+    if rank == 1:  # the routing really was so
+        assert seen["fed"] == 0 and seen["starved"] > 0 and seen["starved_pairs"] == 0, seen
+    else:
+        assert seen["starved"] == 0 and seen["fed_pairs"] > 0, seen
     # what accelerate's get_state_dict does under FSDP2: the full weights, gathered on every process
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
@@ -75,6 +87,11 @@ def half_batch(rank: int, world: int) -> torch.Tensor:
     return ids[rank * per : (rank + 1) * per]
 
 
+def result_file(mode: str, starved: bool) -> str:
+    """The worker's output for one case: loss and gradients."""
+    return f"{mode}-starved.safetensors" if starved else f"{mode}.safetensors"
+
+
 def reference(mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One process, the same global batch: the balance loss is per forward pass, so (L(half 0) + L(half 1)) / 2."""
     model = build(mode)
@@ -90,27 +107,19 @@ def sharded(tmp_path_factory) -> Path:
     here = Path(__file__).parent
     path = os.pathsep.join([str(here), str(here.parent), *sys.path])  # the worker imports this module and tiny
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "--no-python",
-        sys.executable,
-        "-c",
-        WORKER,
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(["--no-python", sys.executable, "-c", WORKER, str(out)], env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_fsdp2_two_processes_match_one(sharded, mode):
-    got = load_file(str(sharded / f"{mode}.safetensors"))
+@pytest.mark.parametrize("mode, starved", CASES)
+def test_fsdp2_two_processes_match_one(sharded, monkeypatch, mode, starved):
+    """Process 1 starving STARVED is one process whose second half-batch (its forward 1) starves them."""
+    if starved:
+        for attr in ("router_logits", "route"):
+            monkeypatch.setattr(MoEBlock, attr, getattr(MoEBlock, attr))  # restored after the test
+        starve_experts(STARVED, lambda n: n == 1)
+    got = load_file(str(sharded / result_file(mode, starved)))
     want_loss, want_grads = reference(mode)
     torch.testing.assert_close(got.pop("loss")[0], want_loss, rtol=1e-5, atol=0)
     assert got.keys() == want_grads.keys()

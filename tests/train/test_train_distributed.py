@@ -3,11 +3,10 @@ single process seeing the same global batch."""
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
-from train_helpers import TINY_RECIPES, logged, overrides
+from train_helpers import TINY_RECIPES, logged, overrides, torchrun
 
 from moelpr.train import load_recipe, train
 
@@ -35,13 +34,7 @@ def test_two_processes_agree(world, tmp_path):
     script.write_text(SCRIPT)
     args = overrides(model=str(dense), corpora=str(corpora), max_steps=2, per_device_train_batch_size=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+    command = [
         str(script),
         str(tmp_path),
         str(TINY_RECIPES / "stage1.yaml"),
@@ -49,7 +42,7 @@ def test_two_processes_agree(world, tmp_path):
         str(tmp_path / "ddp"),
         *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun(command, env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2 and ranks[0]["sha"] == ranks[1]["sha"]
