@@ -131,18 +131,29 @@ def make_model(corpus_root: Path, out: Path, sample_mb: int, vocab: int = VOCAB)
 
 
 def bare_tokenizer(spec_root: Path, model: Path) -> dict:
-    """tokens/s of `encode_batch_fast` (+ EOS per document, as prepare counts) on texts already in memory."""
+    """tokens/s of `encode_batch_fast` (+ EOS per document, as prepare counts) on texts already in memory, in a
+    fresh process (this one holds other work's memory, and its speed is not a bare tokenizer's)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "_bare", str(spec_root), str(model)], capture_output=True, text=True, check=True
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _bare(spec_root: str, model: str) -> None:
+    """Inside the fresh process: each file's texts read into memory, then only the encoding timed."""
     from transformers import AutoTokenizer
 
     backend = AutoTokenizer.from_pretrained(model).backend_tokenizer
-    texts = [
-        json.loads(line)["text"] for p in sorted(spec_root.glob("*/*.jsonl")) for line in open(p, encoding="utf-8")
-    ]
-    tokens, start = 0, time.perf_counter()
-    for i in range(0, len(texts), 1000):
-        tokens += sum(len(e.ids) + 1 for e in backend.encode_batch_fast(texts[i : i + 1000], add_special_tokens=False))
-    seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    tokens, seconds = 0, 0.0
+    for path in sorted(Path(spec_root).glob("*/*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        start = time.perf_counter()
+        for i in range(0, len(texts), 1000):
+            encoded = backend.encode_batch_fast(texts[i : i + 1000], add_special_tokens=False)
+            tokens += sum(len(e.ids) + 1 for e in encoded)
+        seconds += time.perf_counter() - start
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}))
 
 
 def run_measured(argv: list[str]) -> dict:
@@ -163,9 +174,17 @@ def _run(argv: list[str]) -> None:
         code = main(argv)
         sys.stdout = stdout
     seconds = time.perf_counter() - start
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries the launching process's peak RSS across fork and exec into ru_maxrss, so
+    # it would report this benchmark's own memory. Worker processes report theirs through RUSAGE_CHILDREN.
+    own = _vm_hwm_kib() / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"code": code, "seconds": seconds, "rss_mib": own, "children_rss_mib": children}))
+
+
+def _vm_hwm_kib() -> int:
+    """This process's own peak RSS (kB), from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def prepare(spec: Path, model: Path, out: Path, procs: int, shard_mb: int) -> dict:
@@ -232,6 +251,8 @@ def _say(what: str) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
         return _run(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "_bare":
+        return _bare(*sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True, help="where the corpora, datasets and model go")
     parser.add_argument("--small", action="store_true", help="8 and 32 MiB instead of 256 and 1,024 MiB")
