@@ -21,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory whose layer count must match")
     parser.add_argument("--plot", default=None, help="PNG to write (default: <output stem>.png next to the output)")
     parser.add_argument("--min-experts", type=int, default=2, help="floor per layer, expert 0 included (default 2)")
+    parser.add_argument(
+        "--nonpositive",
+        choices=("error", "least-similar"),
+        default="error",
+        help="a layer whose S_l ≤ 0 (1/S_l undefined): an error (default), or scored as the least similar layer "
+        "with a positive S_l, so it gets the most experts (our extension; the paper's scores are all > 0)",
+    )
 
 
 def _num_layers(model_dir: Path) -> int:
@@ -50,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         check_against_model(similarity, _num_layers(Path(args.model)))
     scores = scores_from_similarity(similarity, args.similarity)
-    experts = allocate_experts(scores, args.budget, min_experts=args.min_experts)
+    experts = allocate_experts(scores, args.budget, min_experts=args.min_experts, nonpositive=args.nonpositive)
     budget = int(args.budget) if float(args.budget).is_integer() else args.budget
     total = sum(experts)
     allocation = {
@@ -61,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         "scores": scores,
         "source": str(args.similarity),
     }
+    floored = [layer for layer, score in enumerate(scores) if score <= 0]
+    if floored:  # only reached with --nonpositive least-similar
+        allocation["scored_as_least_similar"] = floored
     output = Path(args.output)
     plot = Path(args.plot) if args.plot else output.with_suffix(".png")
     png = plot_allocation(scores, experts, title=f"LayerMoE allocation, δ={budget}")  # before writing anything

@@ -99,6 +99,7 @@ def layermoe_allocation(out: Path, base: Path, sizes: DemoSizes) -> Path:
     similarity += ["--device", resolve_device(None), "--output", str(folder / "similarity.json")]
     run_verb("similarity", similarity)
     allocate = ["--similarity", str(folder / "similarity.json"), "--budget", str(sizes.layermoe_budget)]
+    allocate += ["--nonpositive", "least-similar"]  # a tiny base can score a layer ≤ 0 (allocation.py)
     run_verb("allocate", [*allocate, "--output", str(folder / "allocation.json")])
     return folder
 

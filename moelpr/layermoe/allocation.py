@@ -6,6 +6,11 @@ N_l counts every expert of layer l, the original FFN (expert 0) included. δ is 
 realised total Σ N_l exceeds δ (δ = 70 gives 84 on the Llama-3.2-3B worksheet). The quotient is computed
 in exact rational arithmetic on the decimal values as written (`Fraction(repr(x))`), so a share that is an
 integer on paper is never pushed one up by float error (e.g. ⌈2.0000000000000004⌉ = 3).
+
+S_l is a mean cosine over unaligned token pairs, so it can be zero or negative (a small model whose scripts point
+apart in a layer), where 1/S_l means nothing. The paper has no such case (its values are 0.03–0.12). By default
+that is an error; `nonpositive="least-similar"` (our extension, not the paper's) scores such a layer as the least
+similar layer that has a positive score, so it gets as many experts as that layer, the most of any.
 """
 
 from __future__ import annotations
@@ -24,13 +29,19 @@ def _exact(value: float) -> Fraction:
     return Fraction(repr(float(value)))
 
 
-def allocate_experts(scores: Sequence[float], budget: float, *, min_experts: int = 2) -> list[int]:
+NONPOSITIVE = ("error", "least-similar")
+
+
+def allocate_experts(
+    scores: Sequence[float], budget: float, *, min_experts: int = 2, nonpositive: str = "error"
+) -> list[int]:
     """Experts per layer (expert 0 included): fewer where the cross-lingual similarity is higher.
 
     Args:
-        scores: S_l per layer, all > 0.
+        scores: S_l per layer, finite; > 0 unless `nonpositive` says how to treat the others.
         budget: δ, the pre-ceiling scale; at least `min_experts` × layers.
         min_experts: floor per layer (2 = at least one new expert; 1 lets a layer stay dense).
+        nonpositive: "error", or "least-similar": a score ≤ 0 counts as the smallest positive one (module doc).
 
     Returns:
         N_l per layer.
@@ -40,11 +51,18 @@ def allocate_experts(scores: Sequence[float], budget: float, *, min_experts: int
         raise UserError("no similarity scores given; the similarity file has no layers")
     if isinstance(min_experts, bool) or not isinstance(min_experts, int) or min_experts < 1:
         raise UserError(f"min_experts must be an integer ≥ 1, got {min_experts!r}")
-    bad = [(i, s) for i, s in enumerate(scores) if not (math.isfinite(float(s)) and float(s) > 0)]
+    if nonpositive not in NONPOSITIVE:
+        raise UserError(f"nonpositive must be one of {', '.join(NONPOSITIVE)}, got {nonpositive!r}")
+    infinite = [(i, s) for i, s in enumerate(scores) if not math.isfinite(float(s))]
+    if infinite:
+        raise UserError(f"similarity scores must be finite, layer {infinite[0][0]} has {infinite[0][1]}; recompute it")
+    scores = least_similar_floor(scores) if nonpositive == "least-similar" else scores
+    bad = [(i, s) for i, s in enumerate(scores) if float(s) <= 0]
     if bad:
         layer, value = bad[0]
         raise UserError(
-            f"similarity scores must be finite and > 0, layer {layer} has {value}; recompute the similarity"
+            f"similarity scores must be > 0 for N_l ∝ 1/S_l, layer {layer} has {value}; pass --nonpositive "
+            "least-similar to give such layers the experts of the least similar positive layer"
         )
     if not math.isfinite(float(budget)) or budget < min_experts * num_layers:
         raise UserError(
@@ -55,6 +73,12 @@ def allocate_experts(scores: Sequence[float], budget: float, *, min_experts: int
     total = sum(inverse)
     delta = _exact(budget)
     return [max(min_experts, math.ceil(delta * inv / total)) for inv in inverse]
+
+
+def least_similar_floor(scores: Sequence[float]) -> list[float]:
+    """Each score ≤ 0 replaced by the smallest positive score (all of them ≤ 0: unchanged, for the error)."""
+    positive = [float(s) for s in scores if float(s) > 0]
+    return [float(s) if float(s) > 0 or not positive else min(positive) for s in scores]
 
 
 def scores_from_similarity(similarity: Any, source: str = "similarity") -> list[float]:

@@ -58,8 +58,8 @@ def test_min_experts_floor_and_dense_layers():
     "scores, budget, message",
     [
         (LLAMA_S, 55, r"budget B=55 is smaller than 2 × 28 layers = 56"),
-        ([0.1, 0.0, 0.2], 10, "must be finite and > 0, layer 1"),
-        ([0.1, -0.2], 10, "must be finite and > 0"),
+        ([0.1, 0.0, 0.2], 10, r"must be > 0 for N_l ∝ 1/S_l, layer 1 has 0.0; pass --nonpositive least-similar"),
+        ([0.1, -0.2], 10, "must be > 0"),
         ([0.1, float("nan")], 10, "must be finite"),
         ([], 10, "no similarity scores"),
     ],
@@ -67,6 +67,20 @@ def test_min_experts_floor_and_dense_layers():
 def test_bad_allocation_input(scores, budget, message):
     with pytest.raises(UserError, match=message):
         allocate_experts(scores, budget)
+
+
+def test_nonpositive_least_similar_gives_such_layers_the_most_experts():
+    """A layer with S_l ≤ 0 counts as the least similar positive layer: the allocation of the positive scores with
+    that layer's score copied in, never fewer experts than any other layer."""
+    scores = [-0.066, 0.072, 0.054, 0.054]  # the demo base's layer 0, one run
+    experts = allocate_experts(scores, 9, nonpositive="least-similar")
+    assert experts == allocate_experts([0.054, 0.072, 0.054, 0.054], 9)
+    assert experts[0] == max(experts) and experts[1] == min(experts)
+    assert allocate_experts(LLAMA_S, 70, nonpositive="least-similar") == LLAMA_N  # positive scores: unchanged
+    with pytest.raises(UserError, match="must be > 0"):  # nothing positive to take the score from
+        allocate_experts([0.0, -0.1], 10, nonpositive="least-similar")
+    with pytest.raises(UserError, match="nonpositive must be one of error, least-similar"):
+        allocate_experts(LLAMA_S, 70, nonpositive="clip")
 
 
 def test_similarity_file_validation():

@@ -41,6 +41,21 @@ def test_allocate_end_to_end(tmp_path, similarity_file, capsys):
     assert "84 experts (56 new)" in capsys.readouterr().out
 
 
+def test_allocate_nonpositive_score_exits_2_then_least_similar_allocates(tmp_path, capsys):
+    sim = tmp_path / "similarity.json"
+    sim.write_text(json.dumps(similarity_json([-0.066, 0.072, 0.054, 0.054])))
+    out = tmp_path / "allocation.json"
+    argv = ["allocate", "--similarity", str(sim), "--budget", "9", "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "layer 0 has -0.066; pass --nonpositive least-similar" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main([*argv, "--nonpositive", "least-similar"]) == 0
+    allocation = json.loads(out.read_text())
+    assert allocation["experts_per_layer"][0] == max(allocation["experts_per_layer"])
+    assert allocation["scored_as_least_similar"] == [0] and allocation["scores"][0] == -0.066  # the measured score
+
+
 def test_allocate_explicit_plot_path(tmp_path, similarity_file):
     plot = tmp_path / "figs" / "alloc.png"
     argv = ["allocate", "--similarity", str(similarity_file), "--budget", "56", "--output", str(tmp_path / "a.json")]
