@@ -133,9 +133,10 @@ def file_checksum(path: Path) -> str:
 
 
 def remove_temporaries(shard_dir: Path, names: list[str]) -> None:
-    """Delete temporary files of these shards left by a killed or failed run."""
+    """Delete temporary files of these shards left by a killed or failed run: the ids (`.NAME.tmp-*`) and the
+    completion record's (`.NAME.json.tmp-*`, a kill between writing it and its rename)."""
     for name in names:
-        for tmp in shard_dir.glob(f".{name}.tmp-*"):
+        for tmp in shard_dir.glob(f".{name}.*tmp-*"):
             tmp.unlink(missing_ok=True)
 
 

@@ -165,6 +165,22 @@ def test_sigkilled_prepare_resumes_to_the_uninterrupted_dataset(tokenizer_dir, t
         assert filecmp.cmp(f, out / "shards" / f.name, shallow=False), f.name
 
 
+def test_a_kill_between_a_shards_record_and_its_rename_leaves_nothing_behind(tokenizer, corpora, tmp_path):
+    """The unlucky kill, forced: a shard's ids are in place, its completion record only as the temporary file of
+    `atomic_write_json`, beside an ids temporary of another attempt. The rerun redoes the shard, removes both
+    temporaries, and gives the uninterrupted dataset."""
+    whole = prepare(corpora, tokenizer, tmp_path / "whole", cutoff_len=8, shard_bytes=300, progress=False)
+    killed = tmp_path / "killed"
+    prepare(corpora, tokenizer, killed, cutoff_len=8, shard_bytes=300, progress=False)
+    (killed / prep.MANIFEST).unlink()
+    record = sorted((killed / "shards").glob("*.json"))[1]
+    record.rename(record.with_name(f".{record.name}.tmp-k1ll3d"))
+    (killed / "shards" / f".{record.stem}.tmp-0ther").write_bytes(b"partial ids")
+    prepare(corpora, tokenizer, killed, cutoff_len=8, shard_bytes=300, progress=False)
+    assert not list(killed.rglob(".*tmp-*"))
+    assert read_manifest(killed) == read_manifest(whole)
+
+
 def _load(spec: Path) -> list[Corpus]:
     from moelpr.data import load_corpora
 
