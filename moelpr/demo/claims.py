@@ -19,19 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from moelpr.demo.plans import METHODS
+
 OLD_TOLERANCE = 0.05
 CLOSE_SHARE = 0.80
 MATCH_SHARE = 0.90
-COMPETITORS = (
-    "full",
-    "lora",
-    "llama_pro",
-    "moe_one_stage",
-    "loramoe",
-    "moe_stage1",
-    "moe_review_no_lpr",
-    "moe_lpr_no_copy",
-)
+COMPETITORS = tuple(m for m in METHODS if m not in ("base", "moe_lpr", "layermoe"))  # every other trained row
 
 
 def _avg(results: dict[str, Any], method: str, metric: str, role: str) -> float:

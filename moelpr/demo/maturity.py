@@ -105,7 +105,7 @@ def train_mature_base(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moelpr.data.corpus import load_corpora
-    from moelpr.evaluate.perplexity import evaluate_corpora
+    from moelpr.demo.steps import evaluate_at_demo_sizes
     from moelpr.utils.atomic import atomic_write_json
 
     path = out / "eval" / PLATEAU_FILE
@@ -122,16 +122,7 @@ def train_mature_base(
         tokenizer, corpora = AutoTokenizer.from_pretrained(init), load_corpora(validation_yaml)
 
         def evaluate(model) -> dict:
-            return evaluate_corpora(
-                model,
-                tokenizer,
-                corpora,
-                batch_size=sizes.eval_batch_size,
-                max_tokens=sizes.eval_tokens_per_language,
-                context_len=sizes.cutoff_len,
-                progress=False,
-                precision=precision,
-            )
+            return evaluate_at_demo_sizes(model, tokenizer, corpora, sizes, precision)
 
         checkpoints = sorted(int(p.name.split("-")[-1]) for p in (stable / "checkpoints").glob("checkpoint-*"))
         if checkpoints and partial.is_file():  # a killed run: the trainer resumes from its last checkpoint

@@ -126,6 +126,24 @@ def _load(model_dir: Path):
     return load_model_and_tokenizer(model_dir, dtype="float32", device=resolve_device(None))
 
 
+def evaluate_at_demo_sizes(
+    model, tokenizer, corpora: list, sizes: DemoSizes, precision: str, *, progress: bool = False
+) -> dict:
+    """`evaluate_corpora` as every demo evaluation runs it: the sizes' batch, tokens per language and context."""
+    from moelpr.evaluate.perplexity import evaluate_corpora
+
+    return evaluate_corpora(
+        model,
+        tokenizer,
+        corpora,
+        batch_size=sizes.eval_batch_size,
+        max_tokens=sizes.eval_tokens_per_language,
+        context_len=sizes.cutoff_len,
+        progress=progress,
+        precision=precision,
+    )
+
+
 def evaluate_run(
     name: str,
     model_dir: Path,
@@ -139,23 +157,13 @@ def evaluate_run(
 ) -> dict:
     """Perplexity, bits per byte and routing of one run on one split, written to eval/<split>/<name>.json."""
     from moelpr.data.corpus import load_corpora
-    from moelpr.evaluate.perplexity import evaluate_corpora
     from moelpr.utils.atomic import atomic_write_json
 
     path = out / "eval" / split / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
     model, tokenizer = _load(model_dir)
-    results = evaluate_corpora(
-        model,
-        tokenizer,
-        load_corpora(split_yaml),
-        batch_size=sizes.eval_batch_size,
-        max_tokens=sizes.eval_tokens_per_language,
-        context_len=sizes.cutoff_len,
-        progress=progress,
-        precision=precision,
-    )
+    results = evaluate_at_demo_sizes(model, tokenizer, load_corpora(split_yaml), sizes, precision, progress=progress)
     results = {"method": name, "split": split, "model": str(model_dir), **results}
     atomic_write_json(path, results)
     return results
@@ -190,7 +198,6 @@ def dense_layer_effects(name: str, out: Path, split_yaml: Path, sizes: DemoSizes
     """Where the remaining forgetting sits: the row re-evaluated on validation with one MoE layer at a time
     replaced by its expert 0 (the original FFN, as if every token were routed there alone)."""
     from moelpr.data.corpus import load_corpora
-    from moelpr.evaluate.perplexity import evaluate_corpora
     from moelpr.model.arch import decoder_layers
     from moelpr.utils.atomic import atomic_write_json
 
@@ -203,16 +210,7 @@ def dense_layer_effects(name: str, out: Path, split_yaml: Path, sizes: DemoSizes
     for layer in list(model.config.moe_layers):
         mlp = decoder_layers(model.lm)[layer].mlp
         decoder_layers(model.lm)[layer].mlp = mlp.original
-        res = evaluate_corpora(
-            model,
-            tokenizer,
-            corpora,
-            batch_size=sizes.eval_batch_size,
-            max_tokens=sizes.eval_tokens_per_language,
-            context_len=sizes.cutoff_len,
-            progress=False,
-            precision=precision,
-        )
+        res = evaluate_at_demo_sizes(model, tokenizer, corpora, sizes, precision)
         decoder_layers(model.lm)[layer].mlp = mlp
         effects.append({"layer": layer, "avg": res["avg"], "ppl": res["ppl"], "bpb": res["bpb"]})
     atomic_write_json(path, effects)
