@@ -15,6 +15,8 @@ EXAMPLE = "moe-lpr allocate --similarity runs/similarity.json --budget 72 --outp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moelpr.layermoe.allocation import NONPOSITIVE  # light: no torch, no matplotlib at import
+
     parser.add_argument("--similarity", required=True, help="similarity.json from `moe-lpr similarity`")
     parser.add_argument("--budget", type=float, required=True, help="δ, the pre-ceiling scale (≥ 2 × layers)")
     parser.add_argument("--output", required=True, help="allocation.json to write")
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-experts", type=int, default=2, help="floor per layer, expert 0 included (default 2)")
     parser.add_argument(
         "--nonpositive",
-        choices=("error", "least-similar"),
+        choices=NONPOSITIVE,
         default="error",
         help="a layer whose S_l ≤ 0 (1/S_l undefined): an error (default), or scored as the least similar layer "
         "with a positive S_l, so it gets the most experts (our extension; the paper's scores are all > 0)",
